@@ -34,12 +34,12 @@ pytest: install
 
 ## every chapter, in order, with the tiny smoke profile, through the same papermill runner
 smoke: install
-	MPLBACKEND=Agg $(BIN)/cytoclr run --profile smoke --out runs/smoke --force
+	$(BIN)/cytoclr run --profile smoke --out runs/smoke --force
 
 test: check-clean pytest smoke
 
 book: install
-	MPLBACKEND=Agg $(BIN)/cytoclr run --profile quick --out runs/quick
+	$(BIN)/cytoclr run --profile quick --out runs/quick
 	$(BIN)/cytoclr book --run runs/quick --out _build
 	@echo "open $$(pwd)/_build/html/index.html"
 
