@@ -18,7 +18,7 @@ from .pipeline import DataError
 # %% auto #0
 __all__ = ['HCP_FILES', 'HEMIS', 'HCP_SHA256', 'hcp_data_dir', 'sha256_file', 'read_gifti_surface', 'check_mesh',
            'read_gifti_labels', 'Location', 'ReferenceBrain', 'load_hcp_s1200', 'load_gifti_reference',
-           'load_reference', 'plane_contours']
+           'load_reference', 'plane_contours', 'voxelise_interior']
 
 # %% ../nbs/00_reference.ipynb #36b0214f
 HCP_FILES = {
@@ -342,3 +342,58 @@ def plane_contours(vertices: np.ndarray, faces: np.ndarray, axis: int, value: fl
     ok = np.stack([o for _, o in pts], 1)  # (m, 3) exactly two True per face
     order = np.argsort(~ok, axis=1, kind="stable")[:, :2]
     return np.take_along_axis(p, order[..., None], axis=1)
+
+# %% ../nbs/00_reference.ipynb #a8451a6b
+def voxelise_interior(vertices: np.ndarray, faces: np.ndarray, voxel_mm: float = 1.0, pad: int = 2):
+    "Boolean voxel mask (X, Y, Z) of a closed surface and its interior, and the grid origin (3,) mm."
+    if voxel_mm <= 0:
+        raise DataError(f"voxel_mm must be > 0, got {voxel_mm}", field="voxel_mm")
+    from scipy.ndimage import binary_fill_holes
+    origin = vertices.min(0) - pad * voxel_mm
+    shape = tuple(np.ceil((vertices.max(0) - origin) / voxel_mm).astype(int) + pad + 1)
+    tri = vertices[faces]  # (f, 3 corners, 3)
+    longest = np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2).max()
+    n = int(np.ceil(2 * longest / voxel_mm)) + 1  # barycentric steps: samples closer than half a voxel
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = i + j <= n
+    w = np.stack([i[keep], j[keep], n - i[keep] - j[keep]], 1) / n  # (s, 3) barycentric weights
+    mask = np.zeros(shape, bool)
+    for start in range(0, len(tri), 20_000):  # chunks over faces keep memory small
+        p = np.einsum("sk,fkc->fsc", w, tri[start:start + 20_000]).reshape(-1, 3)
+        idx = np.floor((p - origin) / voxel_mm).astype(np.int64)
+        mask[idx[:, 0], idx[:, 1], idx[:, 2]] = True  # the shell: no 6-connected gap for the fill to leak through
+    return binary_fill_holes(mask), origin
+
+
+def _white_matter(self, xyz, voxel_mm: float = 1.0, fraction: bool = False) -> np.ndarray:
+    """True for points `xyz` (n, 3) mm inside a white surface (white matter and the structures it encloses);
+    with `fraction`, the trilinearly interpolated share of white-matter voxels instead (smooth boundaries)."""
+    xyz = np.asarray(xyz, np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+    cache = self.__dict__.setdefault("_wm_cache", {})
+    if voxel_mm not in cache:  # computed once per reference and voxel size, kept in memory
+        masks = [voxelise_interior(self.white[h], self.faces[h], voxel_mm) for h in self.hemis]
+        lo = np.min([o for _, o in masks], 0)
+        hi = np.max([o + np.array(m.shape) * voxel_mm for m, o in masks], 0)
+        full = np.zeros(tuple(np.ceil((hi - lo) / voxel_mm).astype(int) + 1), bool)
+        for m, o in masks:
+            s = np.round((o - lo) / voxel_mm).astype(int)
+            full[s[0]:s[0] + m.shape[0], s[1]:s[1] + m.shape[1], s[2]:s[2] + m.shape[2]] |= m
+        cache[voxel_mm] = (full, lo)
+    full, lo = cache[voxel_mm]
+    if fraction:
+        from scipy.ndimage import map_coordinates
+        ok = np.isfinite(xyz).all(1)
+        out = np.zeros(len(xyz))
+        out[ok] = map_coordinates(full.astype(np.float32), ((xyz[ok] - lo) / voxel_mm - 0.5).T, order=1, cval=0.0)
+        return out
+    idx = np.floor((xyz - lo) / voxel_mm)
+    ok = np.isfinite(idx).all(1) & (idx >= 0).all(1) & (idx < np.array(full.shape)).all(1)
+    out = np.zeros(len(xyz), bool)
+    k = idx[ok].astype(np.int64)
+    out[ok] = full[k[:, 0], k[:, 1], k[:, 2]]
+    return out
+
+
+ReferenceBrain.white_matter = _white_matter

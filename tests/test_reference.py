@@ -173,3 +173,41 @@ def test_gifti_reference_errors_name_the_file(sphere_files):
 def test_check_mesh_flags_negative_faces():
     with pytest.raises(DataError, match="faces"):
         check_mesh(np.zeros((3, 3)), np.array([[0, 1, -1]]))
+
+
+def test_white_matter_inside_the_white_surface(ref, rng):
+    v = rng.choice(np.flatnonzero(ref.labels["L"] > 0), 500, replace=False)
+    col = ref.white["L"][v] - ref.pial["L"][v]
+    col /= np.linalg.norm(col, axis=1, keepdims=True)
+    assert ref.white_matter(ref.white["L"][v] + 2.5 * col).mean() > 0.95  # below the white surface
+    assert ref.white_matter(ref.pial["L"][v] - 2.5 * col).mean() < 0.05  # above the pia
+    far = np.array([[0.0, 0.0, 200.0], [np.nan, 0, 0], [np.inf, 0, 0], [-300.0, 0, 0]])
+    assert not ref.white_matter(far).any()
+    assert (ref.white_matter(far, fraction=True) == 0).all()
+    # deep white matter is far from every column (locate cannot tell it from outside), but white_matter can
+    g = np.stack(np.meshgrid(np.arange(-70, 71, 4.0), np.arange(-100, 71, 4.0), np.arange(-45, 81, 4.0)), -1).reshape(-1, 3)
+    far, wm = ref.locate(g).far, ref.white_matter(g)
+    assert (far & wm).sum() > 20 and (far & ~wm).sum() > 1000  # deep white matter and the outside, both "far"
+    w = np.concatenate([ref.white[h] for h in ref.hemis])
+    assert (g[far & wm] > w.min(0)).all() and (g[far & wm] < w.max(0)).all()  # deep white matter lies inside the brain
+
+
+def test_white_matter_fraction_agrees_with_the_mask(ref, rng):
+    p = rng.uniform([-70, -100, -45], [70, 70, 80], size=(5000, 3))
+    f = ref.white_matter(p, fraction=True)
+    assert ((f >= 0.5) == ref.white_matter(p)).mean() > 0.97
+    assert f.min() >= 0 and f.max() <= 1
+
+
+def test_voxelise_interior_of_a_cube():
+    "A closed cube surface: its interior voxels are filled, the outside is not."
+    from cytoclr.reference import voxelise_interior
+    v = np.array([[x, y, z] for x in (0, 10) for y in (0, 10) for z in (0, 10)], float)
+    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    mask, origin = voxelise_interior(v, f, voxel_mm=1.0)
+    inside = np.floor((np.array([5.0, 5.0, 5.0]) - origin)).astype(int)
+    assert mask[tuple(inside)] and not mask[0, 0, 0]
+    assert abs(mask.sum() - 11 ** 3) <= 11 ** 3 * 0.35  # the shell voxels count too
+    with pytest.raises(DataError, match="voxel_mm"):
+        voxelise_interior(v, f, voxel_mm=0)
