@@ -1,0 +1,120 @@
+"Tests of cytoclr.models: shapes, parameter counts against torchvision's published numbers, PLI encoding."
+import inspect
+import math
+
+import pytest
+import torch
+
+import cytoclr.losses
+import cytoclr.models
+from cytoclr.models import (ARCHS, PLI_CHANNELS, BasicBlock, Bottleneck, ContrastiveModel, ProjectionHead,
+                            build_encoder, count_parameters, encode_pli, input_channels, measure_throughput)
+from cytoclr.pipeline import DataError
+
+# torchvision's resnet{18,34,50} without the 1000-class fc layer, 3 input channels
+# (11,689,512 / 21,797,672 / 25,557,032 parameters minus 512*1000+1000 or 2048*1000+1000)
+TORCHVISION_BACKBONE_PARAMS = {"resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032}
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_BACKBONE_PARAMS))
+def test_parameter_counts_match_torchvision(arch):
+    enc = build_encoder(arch, 3)
+    assert count_parameters(enc) == TORCHVISION_BACKBONE_PARAMS[arch]
+    # one input channel removes 2 x 64 x 7 x 7 stem weights
+    assert count_parameters(build_encoder(arch, 1)) == TORCHVISION_BACKBONE_PARAMS[arch] - 2 * 64 * 49
+
+
+def test_quick_encoder_is_about_0_3M():
+    enc = build_encoder("quick", 1)
+    assert 0.25e6 < count_parameters(enc) < 0.35e6
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("channels", [1, 3, PLI_CHANNELS, 7])
+def test_shapes_and_out_dim(arch, channels):
+    enc = build_encoder(arch, channels, width=0.25).eval()
+    out = enc(torch.randn(2, channels, 48, 40))  # non-square, not a power of two
+    assert out.shape == (2, enc.out_dim)
+    assert torch.isfinite(out).all()
+
+
+def test_out_dims_and_width():
+    assert build_encoder("resnet18", 1).out_dim == 512
+    assert build_encoder("resnet34", 1).out_dim == 512
+    assert build_encoder("resnet50", 1).out_dim == 2048
+    assert build_encoder("resnet18", 1, width=0.5).out_dim == 256
+    assert build_encoder("resnet50", 1, width=0.5).out_dim == 1024
+    assert build_encoder("resnet18", 1, width=1.5).out_dim == 768
+    full, half = count_parameters(build_encoder("resnet18", 1)), count_parameters(build_encoder("resnet18", 1, 0.5))
+    assert 0.2 < half / full < 0.3  # parameters scale with the square of the width
+
+
+def test_residual_blocks_start_as_identity():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 8, 8)
+    for block in (BasicBlock(16, 16), Bottleneck(16, 4)):
+        block.eval()
+        assert torch.allclose(block(x), torch.relu(x))
+
+
+def test_eval_mode_samples_are_independent():
+    enc = build_encoder("resnet18", 1, width=0.25)
+    enc.train()
+    enc(torch.randn(8, 1, 32, 32))  # move the running statistics
+    enc.eval()
+    x = torch.randn(5, 1, 32, 32)
+    torch.testing.assert_close(enc(x)[2:3], enc(x[2:3]), rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_model_and_head():
+    enc = build_encoder("quick", 1)
+    model = ContrastiveModel(enc, ProjectionHead(enc.out_dim, 64, 16))
+    x = torch.randn(4, 1, 64, 64)
+    h, z = model(x)
+    assert h.shape == (4, enc.out_dim) and z.shape == (4, 16)
+    loss = cytoclr.losses.spatial_nce(z, cytoclr.losses.view_weights([0, 0, 1, 1]), 0.1)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(DataError, match="head expects"):
+        ContrastiveModel(enc, ProjectionHead(enc.out_dim + 1, 8, 4))
+
+
+def test_encode_pli_values_and_periodicity():
+    t, r = torch.full((1, 1, 2, 3), 0.7), torch.full((1, 1, 2, 3), 0.2)
+    for deg, (c, s) in {0.0: (1, 0), 45.0: (0, 1), 90.0: (-1, 0), 135.0: (0, -1), 180.0: (1, 0)}.items():
+        out = encode_pli(torch.cat([t, r, torch.full_like(t, deg)], 1))
+        assert out.shape == (1, PLI_CHANNELS, 2, 3)
+        torch.testing.assert_close(out[:, :2], torch.cat([t, r], 1))
+        torch.testing.assert_close(out[0, 2:, 0, 0], torch.tensor([c, s], dtype=torch.float32), atol=1e-6, rtol=0)
+    a = torch.rand(2, 3, 4, 4) * torch.tensor([1, 1, 180.0])[None, :, None, None]
+    b = a.clone()
+    b[:, 2] += 180.0
+    torch.testing.assert_close(encode_pli(a), encode_pli(b), atol=1e-5, rtol=0)
+    assert encode_pli(a.double()).dtype == torch.float64
+    assert input_channels("pli") == PLI_CHANNELS and input_channels("nissl") == 1
+    with pytest.raises(DataError, match="B, 3, H, W"):
+        encode_pli(torch.zeros(2, 2, 4, 4))
+    with pytest.raises(DataError, match="modality"):
+        input_channels("mri")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(arch="vgg16", in_channels=1), "unknown encoder"), (dict(arch="quick", in_channels=0), "in_channels"),
+    (dict(arch="quick", in_channels=1.5), "in_channels"), (dict(arch="quick", in_channels=1, width=0), "width"),
+    (dict(arch="quick", in_channels=1, width=float("nan")), "width"),
+])
+def test_build_encoder_validates(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        build_encoder(**kwargs)
+
+
+def test_device_is_a_parameter_and_no_hard_coded_cuda():
+    enc = build_encoder("quick", 1, device="cpu")
+    assert next(enc.parameters()).device.type == "cpu"
+    for mod in (cytoclr.models, cytoclr.losses):
+        assert ".cuda(" not in inspect.getsource(mod)
+
+
+def test_measure_throughput():
+    ips = measure_throughput(build_encoder("quick", 1, width=0.25), 1, px=32, batch=4, repeats=1)
+    assert math.isfinite(ips) and ips > 0
