@@ -159,3 +159,13 @@ def test_profiles_parse_and_quick_matches_notebook_defaults():
     for k, v in quick.items():
         defaults = {yaml.safe_load(d) for d in declared[k]}
         assert defaults == {v}, f"quick.yml {k}={v!r} but notebooks default to {defaults}"
+
+
+def test_papermill_parses_every_parameter():
+    "A parameter papermill cannot parse (e.g. '=' in its comment) could not be set from a profile."
+    import re
+    for nb_path in list_chapters(NBS):
+        nb = nbformat.read(str(nb_path), as_version=4)
+        src = "\n".join(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {m.group(1) for m in re.finditer(r"^(\w+)\s*(?::[^=\n]*)?=", src, re.M)}
+        assert assigned == set(declared_parameters(nb_path)), f"{nb_path.name}: papermill misses {assigned - set(declared_parameters(nb_path))}"
