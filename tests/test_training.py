@@ -1,0 +1,419 @@
+"Trainer: schedule, weights, exact resumption, divergence handling, DDP equivalence, logs, loading, CLI."
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from cytoclr import training as T
+from cytoclr.losses import spatial_nce
+from cytoclr.pipeline import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- stand-ins (tiny, seeded)
+class ToyData(torch.utils.data.Dataset):
+    "n locations with positions; each image is a function of the position plus seeded (seed, epoch, index) noise."
+
+    def __init__(self, n=40, px=8, views=2, seed=0, nan_at=None):
+        g = np.random.default_rng(7)
+        self.xyz = g.uniform(-20, 20, (n, 3)).astype(np.float32)
+        self.hemi = (self.xyz[:, 0] > 0).astype(np.int64)
+        self.vertex = np.arange(n)
+        self.area = 1 + (self.xyz[:, 1] > 0) + 2 * (self.xyz[:, 2] > 0)
+        self.area[:3] = 0  # a few samples without an area
+        self.px, self.views, self.seed, self.epoch = px, views, seed, 0
+        self.nan_at = nan_at  # (epoch, index) whose image is NaN
+        yy, xx = np.mgrid[:px, :px] / px
+        self.base = np.stack([np.sin(x * 6 * xx + y * 6 * yy + z) for x, y, z in self.xyz / 20]).astype(np.float32)
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def __len__(self):
+        return len(self.xyz)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img = self.base[i][None, None] + 0.3 * rng.standard_normal((self.views, 1, self.px, self.px)).astype(np.float32)
+        if self.nan_at == (self.epoch, i):
+            img[:] = np.nan
+        return dict(image=torch.from_numpy(img), index=i, xyz=torch.from_numpy(self.xyz[i]),
+                    hemi=int(self.hemi[i]), vertex=int(self.vertex[i]), area=int(self.area[i]), section=0)
+
+
+class ToySampler:
+    "Global batches of `batch_size * world_size` from a per-epoch permutation; rank r takes its slice."
+
+    def __init__(self, n, batch_size, seed=0, rank=0, world_size=1):
+        self.n, self.b, self.seed, self.rank, self.world, self.epoch = n, batch_size, seed, rank, world_size, 0
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def __len__(self):
+        return self.n // (self.b * self.world)
+
+    def __iter__(self):
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        g = self.b * self.world
+        for t in range(len(self)):
+            yield perm[t * g + self.rank * self.b: t * g + (self.rank + 1) * self.b].tolist()
+
+
+class ToyModel(nn.Module):
+    "Encoder + head with the ContrastiveModel interface; optional dropout makes torch's RNG state matter."
+
+    def __init__(self, dropout=0.0, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.encoder.out_dim = 16
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        f = self.encoder(x)
+        return f, self.head(f)
+
+
+def toy_build(cfg):
+    return ToyModel(seed=cfg.seed)
+
+
+class ToyDistances:
+    "Stand-in for cytoclr.geodesic.SurfaceDistances: 'geodesic' = 1.2 x straight line of the toy positions."
+
+    def matrix(self, hemi, vertex, kind="geodesic"):
+        xyz = torch.as_tensor(ToyData().xyz[vertex])
+        d = T.euclidean_distances(xyz, torch.as_tensor(hemi)).numpy()
+        return d * 1.2 if kind == "geodesic" else d
+
+
+toy_distances = ToyDistances()
+
+
+def cfg_(**kw):
+    base = dict(method="simclr", steps=10, batch_size=8, views=2, lr=5e-3, warmup_steps=3, checkpoint_every=3,
+                log_every=1, seed=0, proj_dim=8, proj_hidden=16)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def stream(n=40, b=8, nan_at=None, rank=0, world=1, views=2):
+    return T.BatchStream(ToyData(n, views=views, nan_at=nan_at), ToySampler(n, b, rank=rank, world_size=world))
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Bomb(T.BatchStream):
+    "A stream that raises after `after` batches in total (a killed job)."
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.count = inner, after, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def epoch(self, e, start=0):
+        for b in self.inner.epoch(e, start):
+            if self.count == self.after:
+                raise Interrupt()
+            self.count += 1
+            yield b
+
+
+def weights_of(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def losses_of(run_dir, method):
+    return [(r["step"], r["loss"]) for r in T.read_log(T.log_dir(run_dir, method) / "log.csv")]
+
+
+# ---------------------------------------------------------------- schedule and config
+def test_lr_factor_warmup_then_cosine():
+    f = [T.lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert np.allclose(f[:10], np.arange(1, 11) / 10)  # linear warm-up reaching the peak at step 9
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then non-increasing
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert T.lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)  # cosine midpoint
+
+
+@pytest.mark.parametrize("field,value", [("method", "byol"), ("steps", 0), ("tau", 0.0), ("lr", float("nan")),
+                                         ("views", 3), ("amp", "fp16"), ("weight_kind", "box")])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(DataError) as e:
+        cfg_(**{field: value}).validate()
+    assert e.value.field == field
+
+
+def test_simclr_needs_two_views():
+    with pytest.raises(DataError, match="two views"):
+        cfg_(method="simclr", views=1).validate()
+
+
+def test_split_config_rejects_typos():
+    with pytest.raises(DataError) as e:
+        T.split_config({"lerning_rate": 1})
+    assert e.value.field == "lerning_rate"
+    methods, t, d = T.split_config({"methods": ["geodesic", "supcon"], "lr": 1e-3, "patch_px": 64})
+    assert methods == ["geodesic", "supcon"] and t.lr == 1e-3 and d.patch_px == 64
+
+
+# ---------------------------------------------------------------- weights
+def test_weightings_match_formulas(rng):
+    n = 12
+    xyz = torch.as_tensor(rng.uniform(-10, 10, (n, 3)))
+    hemi = torch.as_tensor(rng.integers(0, 2, n))
+    area = torch.as_tensor(rng.integers(0, 3, n))
+    index = torch.as_tensor(rng.integers(0, 4, n))
+    sigma = 4.0
+    keys, fn = T.make_weighting("euclidean", sigma)
+    assert keys == ("xyz", "hemi")
+    w = fn(xyz, hemi)
+    for i in range(n):  # slow reference, straight from the formula
+        for j in range(n):
+            d = math.dist(xyz[i].tolist(), xyz[j].tolist())
+            want = math.exp(-d * d / (2 * sigma**2)) if hemi[i] == hemi[j] else 0.0
+            assert float(w[i, j]) == pytest.approx(want, abs=1e-6)
+    _, fn = T.make_weighting("supcon")
+    w = fn(area)
+    for i in range(n):
+        for j in range(n):
+            assert float(w[i, j]) == float(area[i] == area[j] and area[i] > 0)
+    _, fn = T.make_weighting("simclr")
+    assert torch.equal(fn(index), (index[:, None] == index[None, :]).float())
+    keys, fn = T.make_weighting("geodesic", sigma, distances=lambda h, v: np.full((len(h), len(h)), 2.0))
+    assert keys == ("hemi", "vertex") and torch.allclose(fn(hemi, hemi), torch.full((n, n), math.exp(-4 / 32)))
+    # with surface distances, geodesic and euclidean read the same surface points, each with its own metric
+    vert = torch.arange(n)
+    for method, factor in (("geodesic", 1.2), ("euclidean", 1.0)):
+        keys, fn = T.make_weighting(method, sigma, distances=ToyDistances())
+        d = T.euclidean_distances(torch.as_tensor(ToyData().xyz[:n]), hemi) * factor
+        assert keys == ("hemi", "vertex")
+        torch.testing.assert_close(fn(hemi, vert), torch.exp(-d**2 / (2 * sigma**2)).float(), rtol=1e-5, atol=1e-6)
+    _, fn = T.make_weighting("euclidean", 5.0, kind="threshold")
+    d = T.euclidean_distances(xyz, hemi)
+    assert torch.equal(fn(xyz, hemi), (d < 5.0).float())
+    with pytest.raises(DataError):
+        T.make_weighting("geodesic")  # no distance lookup
+
+
+# ---------------------------------------------------------------- training, resumption, divergence
+def test_training_lowers_loss_and_writes_everything(tmp_path):
+    cfg = cfg_(method="euclidean", steps=30, checkpoint_every=10, lr=1e-2)
+    res = T.train(cfg, stream(), tmp_path, model=ToyModel(), progress=False)
+    rows = T.read_log(tmp_path / "training/euclidean/log.csv")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])
+    st = torch.load(tmp_path / "checkpoints/euclidean/last.pt", weights_only=False)
+    assert st["step"] == 30 and st["config"]["method"] == "euclidean"
+    assert list((tmp_path / "training/euclidean/tb").glob("events.out.tfevents*"))
+    m = json.loads((tmp_path / "metrics.json").read_text())["training"]["euclidean"]
+    assert m["final_loss"] == pytest.approx(np.mean([r["loss"] for r in rows[-1:]]))
+    assert m["images_per_second"] > 0 and res.final_loss == m["final_loss"]
+    # lr follows the schedule
+    lrs = [r["lr"] for r in rows]
+    assert lrs == pytest.approx([cfg.lr * T.lr_factor(s, 30, 3, cfg.min_lr_ratio) for s in range(30)])
+
+
+def test_loss_in_log_is_the_loss_of_the_logged_step(tmp_path):
+    "The first logged loss equals spatial_nce of the untrained model on the first batch (nothing shifted)."
+    cfg = cfg_(method="supcon", steps=1)
+    data = stream()
+    model = ToyModel()
+    batch = next(iter(data.epoch(0)))
+    x, (area,) = T._to_batch(batch, ("area",), "cpu")
+    with torch.no_grad():
+        model.train()
+        want = spatial_nce(model(x)[1], T.make_weighting("supcon")[1](area), cfg.tau).item()
+    T.train(cfg, data, tmp_path, model=ToyModel(), progress=False)
+    assert T.read_log(tmp_path / "training/supcon/log.csv")[0]["loss"] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("method,interrupt_after", [("simclr", 7), ("geodesic", 5), ("supcon", 9)])
+def test_resume_gives_the_uninterrupted_result(tmp_path, method, interrupt_after):
+    "Train 10 steps (2 epochs of 5 batches) vs. kill after `interrupt_after` steps and resume from the last checkpoint."
+    kw = dict(method=method, steps=10, checkpoint_every=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    T.train(cfg_(**kw), stream(), a, model=ToyModel(dropout=0.2), distances=toy_distances, progress=False)
+    with pytest.raises(Interrupt):
+        T.train(cfg_(**kw), Bomb(stream(), interrupt_after), b, model=ToyModel(dropout=0.2),
+                distances=toy_distances, progress=False)
+    st = torch.load(T.checkpoint_path(b, method), weights_only=False)
+    assert st["step"] == (interrupt_after // 3) * 3  # the last checkpoint before the kill
+    assert len(losses_of(b, method)) == interrupt_after  # rows past the checkpoint exist until resume drops them
+    # resume with a fresh model object whose init differs: everything must come from the checkpoint
+    T.train(cfg_(**kw), stream(), b, model=ToyModel(dropout=0.2, seed=99), distances=toy_distances, progress=False)
+    la, lb = losses_of(a, method), losses_of(b, method)
+    assert [s for s, _ in lb] == list(range(1, 11))
+    np.testing.assert_allclose([l for _, l in lb], [l for _, l in la], rtol=0, atol=1e-6)
+    wa, wb = weights_of(T.checkpoint_path(a, method)), weights_of(T.checkpoint_path(b, method))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_resume_without_restoring_rng_would_differ(tmp_path):
+    "Guard that the resume test can fail: a run restarted from scratch at the checkpoint's weights differs (dropout RNG, data position)."
+    kw = dict(method="simclr", steps=10, checkpoint_every=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    T.train(cfg_(**kw), stream(), a, model=ToyModel(dropout=0.2), progress=False)
+    with pytest.raises(Interrupt):
+        T.train(cfg_(**kw), Bomb(stream(), 7), b, model=ToyModel(dropout=0.2), progress=False)
+    st = torch.load(T.checkpoint_path(b, "simclr"), weights_only=False)
+    st["pos"], st["epoch"] = 0, 0  # forget the data position
+    torch.save(st, T.checkpoint_path(b, "simclr"))
+    T.train(cfg_(**kw), stream(), b, model=ToyModel(dropout=0.2), progress=False)
+    la, lb = losses_of(a, "simclr"), losses_of(b, "simclr")
+    assert not np.allclose([l for _, l in lb][6:], [l for _, l in la][6:], atol=1e-6)
+
+
+def test_finished_run_is_not_retrained_and_changed_config_is_refused(tmp_path):
+    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False)
+    before = (tmp_path / "training/simclr/log.csv").read_text()
+    res = T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False)
+    assert res.steps == 4 and (tmp_path / "training/simclr/log.csv").read_text() == before
+    with pytest.raises(DataError) as e:
+        T.train(cfg_(steps=4, lr=1.0), stream(), tmp_path, model=ToyModel(), progress=False)
+    assert e.value.field == "lr"
+    T.train(cfg_(steps=6), stream(), tmp_path, model=ToyModel(), progress=False)  # more steps: allowed
+    assert len(T.read_log(tmp_path / "training/simclr/log.csv")) == 6
+
+
+def test_nan_input_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    # the NaN sample: the first index of epoch 1's third batch (global step 8)
+    s = ToySampler(40, 8)
+    s.set_epoch(1)
+    bad = list(s)[2][0]
+    data = stream(nan_at=(1, bad))
+    with pytest.raises(T.TrainingDiverged) as e:
+        T.train(cfg_(steps=10, checkpoint_every=3), data, tmp_path, model=ToyModel(), progress=False)
+    msg = str(e.value)
+    assert "step 8" in msg and "non-finite" in msg and "step 6" in msg and "last.pt" in msg
+    st = torch.load(T.checkpoint_path(tmp_path, "simclr"), weights_only=False)
+    assert st["step"] == 6 and all(torch.isfinite(v).all() for v in st["model"].values())
+    assert len(T.read_log(tmp_path / "training/simclr/log.csv")) == 7  # steps 1..7 logged, step 8 not
+
+
+def test_nan_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
+    real = T.spatial_nce_distributed
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 5 else out
+    monkeypatch.setattr(T, "spatial_nce_distributed", poisoned)
+    with pytest.raises(T.TrainingDiverged, match=r"loss became nan .*step 5"):
+        T.train(cfg_(steps=10, checkpoint_every=2), stream(), tmp_path, model=ToyModel(), progress=False)
+    st = torch.load(T.checkpoint_path(tmp_path, "simclr"), weights_only=False)
+    assert st["step"] == 4 and all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_single_view_batches_and_missing_fields(tmp_path):
+    res = T.train(cfg_(method="euclidean", views=1, steps=3), stream(views=1), tmp_path, model=ToyModel(), progress=False)
+    assert res.steps == 3 and math.isfinite(res.final_loss)
+    with pytest.raises(DataError, match="no field"):
+        T.train(cfg_(method="euclidean", steps=3), stream(), tmp_path / "x", model=ToyModel(), progress=False,
+                weighting=(("depth",), lambda d: d))
+
+
+# ---------------------------------------------------------------- loading encoders
+def test_load_encoder_returns_trained_weights_in_eval_mode(tmp_path):
+    T.train(cfg_(steps=3), stream(), tmp_path, model=ToyModel(), progress=False)
+    enc = T.load_encoder(tmp_path, "simclr", "cpu", build=toy_build)
+    assert not enc.training
+    st = weights_of(T.checkpoint_path(tmp_path, "simclr"))
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, st["encoder." + k])
+    # random: the seeded initialisation, nothing trained
+    rnd = T.load_encoder(tmp_path, "random", "cpu", build=toy_build)
+    init = ToyModel(seed=0).encoder.state_dict()
+    assert all(torch.equal(rnd.state_dict()[k], init[k]) for k in init)
+    assert not all(torch.equal(rnd.state_dict()[k], enc.state_dict()[k]) for k in init)
+    T.train(cfg_(method="random"), None, tmp_path, model=toy_build(cfg_(method="random")), progress=False)
+    assert torch.load(T.checkpoint_path(tmp_path, "random"), weights_only=False)["step"] == 0
+    with pytest.raises(DataError, match="checkpoint not found"):
+        T.load_encoder(tmp_path / "nothing", "simclr", build=toy_build)
+
+
+# ---------------------------------------------------------------- DDP on CPU (gloo, 2 processes)
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, run_dir, method):
+    # the environment torchrun gives each process; train() starts the process group from it (gloo on CPU)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    try:
+        T.train(cfg_(method=method, steps=6, batch_size=4), stream(b=4, rank=rank, world=world), run_dir,
+                model=ToyModel(), distances=toy_distances, progress=False)
+        assert dist.is_initialized() and dist.get_world_size() == world
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", ["geodesic", "simclr"])
+def test_ddp_two_ranks_equal_one_process_on_the_global_batch(tmp_path, method):
+    "2 gloo ranks x 4 locations per step train exactly like 1 process x 8 locations (same global batches)."
+    import torch.multiprocessing as mp
+    torch.set_num_threads(1)
+    T.train(cfg_(method=method, steps=6, batch_size=8), stream(b=8), tmp_path / "one", model=ToyModel(),
+            distances=toy_distances, progress=False)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path / "two", method), nprocs=2, join=True)
+    l1, l2 = losses_of(tmp_path / "one", method), losses_of(tmp_path / "two", method)
+    np.testing.assert_allclose([l for _, l in l2], [l for _, l in l1], rtol=1e-5)
+    w1, w2 = weights_of(T.checkpoint_path(tmp_path / "one", method)), weights_of(T.checkpoint_path(tmp_path / "two", method))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    st = torch.load(T.checkpoint_path(tmp_path / "two", method), weights_only=False)
+    assert st["world_size"] == 2 and len(st["rng"]) == 2
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_help_and_import_does_not_run():
+    r = subprocess.run([sys.executable, "-m", "cytoclr.training", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "torchrun" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import cytoclr.training"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == ""
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("method: geodesic\nlerning_rate: 0.1\n")
+    r = subprocess.run([sys.executable, "-m", "cytoclr.training", "--config", str(cfg), "--run-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "lerning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
+    "main() end to end on the toy data: config file + override, every method, exit code 0, resumable."
+    monkeypatch.setattr(T, "load_training_samples", lambda dcfg, **kw: (None, None, None))
+    monkeypatch.setattr(T, "build_data", lambda dcfg, cfg, *a, **kw: stream(b=cfg.batch_size))
+    monkeypatch.setattr(T, "surface_distances", lambda ref, **kw: toy_distances)
+    monkeypatch.setattr(T, "build_model", lambda cfg: ToyModel(seed=cfg.seed))
+    cfg = tmp_path / "train.yml"
+    cfg.write_text("methods: [geodesic, supcon, random]\nsteps: 3\nbatch_size: 8\nproj_dim: 8\nproj_hidden: 16\n")
+    assert T.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "-p", "steps=4", "--no-progress"]) == 0
+    for m in ("geodesic", "supcon", "random"):
+        st = torch.load(T.checkpoint_path(tmp_path / "run", m), weights_only=False)
+        assert st["step"] == (0 if m == "random" else 4) and st["config"]["steps"] == 4
+    assert set(json.loads((tmp_path / "run/metrics.json").read_text())["training"]) == {"geodesic", "supcon"}
