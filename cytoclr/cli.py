@@ -11,14 +11,6 @@ import os
 import sys
 
 
-def _parse_override(s: str):
-    import yaml as _yaml
-    if "=" not in s:
-        raise SystemExit(f"error: -p expects name=value, got '{s}'")
-    k, v = s.split("=", 1)
-    return k.strip(), _yaml.safe_load(v)
-
-
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of the `cytoclr` command."
     p = argparse.ArgumentParser(prog="cytoclr", description="Spatial contrastive learning of cytoarchitecture: run the book, build it, check and export data.")
@@ -56,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     "Entry point of the `cytoclr` command."
-    from cytoclr.pipeline import DataError, PipelineError
+    from cytoclr.pipeline import DataError, PipelineError, parse_assignment
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             from cytoclr.pipeline import run_pipeline
-            res = run_pipeline(args.profile, args.out, dict(_parse_override(s) for s in args.param), only=args.only,
+            res = run_pipeline(args.profile, args.out, dict(parse_assignment(s) for s in args.param), only=args.only,
                                nbs_dir=args.nbs, force=args.force, progress=not args.no_progress)
             print(f"run folder: {res['run_dir']} (executed: {', '.join(res['ran']) or 'nothing, all up to date'})")
         elif args.command == "book":

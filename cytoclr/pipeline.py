@@ -20,8 +20,8 @@ import yaml
 
 # %% auto #0
 __all__ = ['PROFILE_DIR', 'CHAPTER_RE', 'DataError', 'PipelineError', 'atomic_path', 'write_json_atomic', 'update_metrics',
-           'save_figure', 'load_profile', 'find_project_root', 'list_chapters', 'declared_parameters', 'run_pipeline',
-           'toc_chapters', 'build_book']
+           'save_figure', 'load_profile', 'parse_assignment', 'read_yaml_mapping', 'find_project_root', 'list_chapters',
+           'declared_parameters', 'run_pipeline', 'toc_chapters', 'build_book']
 
 # %% ../nbs/12_pipeline.ipynb #5691c0b5
 class DataError(ValueError):
@@ -103,13 +103,32 @@ def load_profile(profile: str) -> tuple[str, dict]:
     if not p.exists():
         names = sorted(q.stem for q in PROFILE_DIR.glob("*.yml"))
         raise DataError(f"unknown profile '{profile}': expected one of {names} or a YAML file", field="--profile")
+    return p.stem, read_yaml_mapping(p, "a profile")
+
+
+def parse_assignment(s: str) -> tuple:
+    "`name=value` from the command line as (name, YAML-parsed value)."
+    if "=" not in s:
+        raise DataError(f"expected name=value, got '{s}'", field="-p")
+    k, v = s.split("=", 1)
     try:
-        params = yaml.safe_load(p.read_text()) or {}
+        return k.strip(), yaml.safe_load(v)
+    except yaml.YAMLError:
+        raise DataError(f"cannot parse the value of '{k.strip()}': {v!r}", field="-p") from None
+
+
+def read_yaml_mapping(path, what: str = "the file") -> dict:
+    "A YAML file that must hold a mapping of name: value; `DataError` naming the file otherwise."
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", file=path)
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DataError(f"broken YAML: {e}", file=p) from None
-    if not isinstance(params, dict):
-        raise DataError("a profile must be a mapping of parameter: value", file=p)
-    return p.stem, params
+        raise DataError(f"broken YAML: {e}", file=path) from None
+    if not isinstance(d, dict):
+        raise DataError(f"{what} must be a mapping of name: value", file=path)
+    return d
 
 
 def find_project_root(start=None) -> Path:

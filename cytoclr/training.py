@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .losses import label_weights, spatial_nce_distributed, view_weights
-from .pipeline import DataError, atomic_path, update_metrics
+from .pipeline import DataError, atomic_path, parse_assignment, read_yaml_mapping, update_metrics
 
 # %% auto #0
 __all__ = ['METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'TrainConfig', 'euclidean_distances', 'make_weighting', 'lr_factor',
@@ -676,14 +676,6 @@ def surface_distances(ref, cutoff_mm: float = 30.0, progress: bool = True):
     return SurfaceDistances(ref, cutoff_mm=cutoff_mm, progress=progress)
 
 # %% ../nbs/07_training.ipynb #eb8893ca
-def _parse_value(s: str):
-    import yaml
-    if "=" not in s:
-        raise DataError(f"expected name=value, got '{s}'", field="-p")
-    k, v = s.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
-
-
 def split_config(d: dict, file=None) -> tuple[list, TrainConfig, DataConfig]:
     "(methods, TrainConfig, DataConfig) from one flat mapping (a YAML config with overrides applied)."
     d = dict(d)
@@ -717,21 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     "Entry point of `python -m cytoclr.training` (and of every torchrun process)."
-    import yaml
     args = build_parser().parse_args(argv)
     try:
         d = {}
         if args.config:
-            path = Path(args.config)
-            if not path.exists():
-                raise DataError("config file not found", file=path)
-            try:
-                d = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise DataError(f"broken YAML: {e}", file=path) from None
-            if not isinstance(d, dict):
-                raise DataError("the config must be a mapping of name: value", file=path)
-        d.update(dict(_parse_value(s) for s in args.param))
+            d = read_yaml_mapping(args.config, "the config")
+        d.update(dict(parse_assignment(s) for s in args.param))
         if args.methods:
             d["methods"] = args.methods
         methods, tcfg, dcfg = split_config(d, file=args.config)
