@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="validate a manifest and every file it names; report all problems")
     dc.add_argument("manifest", help="path to data_manifest.yml")
+    dc.add_argument("--no-checksums", action="store_true",
+                    help="skip hashing every file (fast on terabytes; sha256 fields are then only checked for form)")
 
     ph = sub.add_parser("phantom", help="phantom brains")
     phsub = ph.add_subparsers(dest="phantom_command", required=True)
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             print(f"book built: open {html}")
         elif args.command == "data":
             from cytoclr.sections import check_manifest_cli
-            return check_manifest_cli(args.manifest)
+            return check_manifest_cli(args.manifest, checksums=not args.no_checksums)
         elif args.command == "phantom":
             from cytoclr.sections import export_phantom_cli
             return export_phantom_cli(args)

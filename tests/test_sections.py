@@ -484,6 +484,21 @@ def test_data_check_reports_broken_manifests(kind, tmp_path, ref, capsys):
             load_manifest(p)
 
 
+def test_data_check_without_checksums_skips_hashing(tmp_path, ref, capsys):
+    "--no-checksums: a changed file passes (nothing is hashed), every other check still runs."
+    from cytoclr.cli import main
+    man = _good_manifest(tmp_path, ref)
+    _break("checksum", man, tmp_path)
+    p = _write(tmp_path, man)
+    assert main(["data", "check", str(p)]) != 0
+    capsys.readouterr()
+    assert main(["data", "check", "--no-checksums", str(p)]) == 0, capsys.readouterr().out
+    man["sections"][0]["spacing_um"] = -1
+    p = _write(tmp_path, man)
+    assert main(["data", "check", "--no-checksums", str(p)]) != 0
+    assert "sections[0].spacing_um" in capsys.readouterr().out
+
+
 def test_broken_yaml_reports_its_line(tmp_path, capsys):
     p = tmp_path / "m.yml"
     p.write_text("reference:\n  name: hcp-s1200\nbrains:\n  - id: a\n    phantom: {seed: 0\nsections: []\n")
