@@ -431,7 +431,7 @@ class PhantomSection:
         A[:, 2] = self.p0 + E @ self.t2
         self.affine = A  # xyz_mm = A @ [row, col, 1]
         self.mm_per_px = s
-        self._geom = self._ptable = None
+        self._geom = self._axes = None
 
     def __repr__(self):
         return (f"PhantomSection({self.brain}, #{self.section}, {self.axis} {self.y_mm:.1f} mm, {self.modality}, "
@@ -682,34 +682,102 @@ def _plane32(self, r0, r1, c0, c1):
     return a, b, key
 
 
+def _counts_table(self):
+    """What coarse Nissl needs per row of the profile tables (plus a white-matter row and a no-tissue row) at this
+    pixel size: (rows, 4) float32 -- the two terms of -cell_od * cover per cell (size bits * [0] + [1]), the row of
+    the Poisson table (int32 bits) and the light through the neuropil -- and the Poisson table. Cached per brain."""
+    b, st = self._b, self._b.stain
+    cache = b.__dict__.setdefault("_counts_tables", {})
+    key = float(self.mm_per_px)
+    if key not in cache:
+        while len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        px = self.mm_per_px ** 2
+        L = b.lut_counts.astype(np.float64)
+        dens, soma = np.append(L[:, 0], [0.0, 0.0]), np.append(L[:, 1], [0.0, 0.0])  # neurons: cortex rows only
+        tissue = np.append(np.ones(len(L)), [1.0, 0.0])
+        dens_g = st["glia_density"] * tissue
+        mu = (dens + dens_g) * px  # expected cells per pixel
+        mu_row = np.minimum(np.rint(mu * ((POISSON_MU_BINS - 1) / (b.max_density * px))), POISSON_MU_BINS - 1) * POISSON_U_BINS
+        cell_area = (soma + dens_g * np.pi * 0.0025 ** 2) / (mu + 1e-12)  # mean soma area per cell, in pixels
+        od = st["neuropil"] * tissue * (0.6 + 0.4 / 2000 * np.minimum(dens, 4000))
+        light = st["slide"] + (st["background"] - st["slide"]) * tissue
+        cod = st["cell_od"] * cell_area  # size = 0.6 + 0.8 * (16 random bits) / 65536
+        T = np.stack([-cod * (0.8 / 65536), -cod * 0.6, mu_row, light * np.exp(-od)], 1).astype(np.float32)
+        T.view(np.int32)[:, 2] = mu_row.astype(np.int32)
+        cache[key] = (T, poisson_table(b.max_density * px).ravel())
+    return cache[key]
+
+
+def _counts_fields(G):
+    """The four fields coarse Nissl reads, scaled for its lookups (depth * LUT_DEPTHS, inside - 0.5, white matter - 0.5,
+    gradient level), then their steps along b: (8, na, nb) float32; and area * LUT_GRADIENTS (na, nb) float32."""
+    if "nissl" not in G:
+        nG, nD = PhantomBrain.LUT_GRADIENTS, PhantomBrain.LUT_DEPTHS
+        F = G["fields"][..., :4].astype(np.float64)
+        S = np.stack([F[..., 0] * nD, F[..., 1] - 0.5, F[..., 2] - 0.5, F[..., 3] * ((nG - 1) / 4) + (nG - 1) / 2])
+        D = np.zeros_like(S)
+        D[..., :-1] = S[..., 1:] - S[..., :-1]
+        G["nissl"] = (np.concatenate([S, D]).astype(np.float32), (G["area_fill"].reshape(G["area"].shape) * nG).astype(np.float32))
+    return G["nissl"]
+
+
+def _counts_axes(self):
+    """Per row and per column of the whole section (unrotated: rows map to a, columns to b): geometry cell, weight
+    and nearest node, and the two terms of the pixel hash. Computed once, so every window reads the same values."""
+    if self._axes is None:
+        G = self.geometry
+        out = []
+        for k in (0, 1):
+            x = (np.arange(self.shape[k]) * self.M2[k, k] + (self.t2[k] - G["origin"][k])) / G["step"]
+            i = np.floor(np.clip(x, 0, G["area"].shape[k] - 2))
+            t = np.clip(x - i, 0, 1).astype(np.float32)
+            out += [i.astype(np.intp), t, (i + (t > 0.5)).astype(np.intp)]
+        with np.errstate(over="ignore"):  # key (r << 32) + c: key * G + seed = row term + column term (mod 2^64)
+            zr = (np.arange(self.shape[0], dtype=np.uint64) << np.uint64(32)) * _G + np.uint64(self.seed)
+            zc = np.arange(self.shape[1], dtype=np.uint64) * _G
+        self._axes = (*out, zr, zc)
+    return self._axes
+
+
 def _nissl_counts(self, r0, r1, c0, c1):
     "Nissl at coarse spacing: each pixel holds a Poisson number of cell bodies, drawn as optical density (float32)."
-    b, st = self._b, self._b.stain
-    a, bb, key = _plane32(self, r0, r1, c0, c1)
-    f, area = self._interp(a, bb, 4)
-    cortex = (f[:, 1] >= 0.5) & (f[:, 0] >= 0) & (f[:, 0] <= 1)
-    tissue = (cortex | (f[:, 2] >= 0.5)).astype(np.float32)
-    pv = np.take(b.lut_counts, b.lut_index(area * cortex, f[:, 3], f[:, 0]), axis=0)  # (n, 2)
-    cx = cortex.astype(np.float32)
-    dens_n, soma_n = pv[:, 0] * cx, pv[:, 1] * cx
-    dens_g = np.float32(st["glia_density"]) * tissue
-    px = np.float32(self.mm_per_px ** 2)
-    mu = (dens_n + dens_g) * px  # expected cells per pixel
-    if self._ptable is None:
-        self._ptable = (poisson_table(b.max_density * self.mm_per_px ** 2).ravel(), (POISSON_MU_BINS - 1) / (b.max_density * self.mm_per_px ** 2))
-    table, scale = self._ptable
-    with np.errstate(over="ignore"):  # one hash per pixel: 10 bits for the count, 16 for size, 16 for noise
-        h = _mix(key.view(np.uint64) * _G + np.uint64(self.seed))
-    ui = (h >> np.uint64(54)).astype(np.intp)
-    n = np.take(table, np.minimum(np.rint(mu * np.float32(scale)).astype(np.intp), POISSON_MU_BINS - 1) * POISSON_U_BINS + ui)
-    size = (h >> np.uint64(16) & np.uint64(0xFFFF)).astype(np.float32) * np.float32(0.8 / 65536) + np.float32(0.6)
-    cell_area = (soma_n + dens_g * np.float32(np.pi * 0.0025 ** 2)) / (mu + np.float32(1e-12))  # mean soma area / px
-    cover = np.minimum(n * cell_area * size, np.float32(1.5))
-    od = np.float32(st["neuropil"]) * tissue * (np.float32(0.6) + np.float32(0.4 / 2000) * np.minimum(dens_n, np.float32(4000)))
-    light = np.float32(st["slide"]) + np.float32(st["background"] - st["slide"]) * tissue
-    img = light * np.exp(-(od + np.float32(st["cell_od"]) * cover))
-    noise = (h & np.uint64(0xFFFF)).astype(np.float32) * np.float32(1 / 65536) - np.float32(0.5)
-    return img + np.float32(st["noise"] * np.sqrt(12.0)) * noise
+    b, st, f32 = self._b, self._b.stain, np.float32
+    nG, nD = b.LUT_GRADIENTS, b.LUT_DEPTHS
+    T, ptab = _counts_table(self)
+    FS, AS = _counts_fields(self.geometry)
+    if self.M2[0, 1] == 0 and self.M2[1, 0] == 0:  # not rotated: bilinear = along b per grid row, then along a
+        ia, ta, ian, ib, tb, ibn, zr, zc = _counts_axes(self)
+        ia, ta, ian, ib, tb, ibn = ia[r0:r1], ta[r0:r1, None], ian[r0:r1], ib[c0:c1], tb[c0:c1], ibn[c0:c1]
+        i0, i1 = min(ia[0], ia[-1]), max(ia[0], ia[-1]) + 2  # monotonic: the grid rows the window needs
+        X = FS[:, i0:i1, ib]  # (8, ni, w)
+        U = np.ascontiguousarray(X[:4] + tb * X[4:])  # (4, ni, w): each (grid row, column) once, whatever the window
+        ja = ia - i0
+        f = np.take(U, ja, axis=1)
+        f += ta * np.take(U[:, 1:] - U[:, :-1], ja, axis=1)  # (4, h, w)
+        j0, j1 = min(ian[0], ian[-1]), max(ian[0], ian[-1]) + 1
+        area = np.take(AS[j0:j1][:, ibn], ian - j0, axis=0).ravel()  # nearest node
+        f = f.reshape(4, -1)
+        z = (zr[r0:r1, None] + zc[None, c0:c1]).ravel()
+    else:  # rotated: bilinear lookups at each pixel's plane position
+        a, bb, key = _plane32(self, r0, r1, c0, c1)
+        g, area = self._interp(a, bb, 4)
+        f = [g[:, 0] * f32(nD), g[:, 1] - f32(0.5), g[:, 2] - f32(0.5), g[:, 3] * f32((nG - 1) / 4) + f32((nG - 1) / 2)]
+        area = area.astype(f32) * f32(nG)
+        with np.errstate(over="ignore"):
+            z = key.view(np.uint64) * _G + np.uint64(self.seed)
+    d = f[0]
+    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
+    row = (area + np.rint(np.clip(f[3], 0, nG - 1))) * f32(nD) + np.floor(np.minimum(d, nD - 1))  # profile row
+    row = np.where(cortex, row, f32(len(T) - 1) - (f[2] >= 0)).astype(np.int32)  # else white matter or no tissue
+    t = np.take(T, row, axis=0)
+    with np.errstate(over="ignore"):  # one hash per pixel, as 16-bit words (little-endian): noise, size, -, count
+        h16 = _mix(z).view(np.uint16)
+    n = np.take(ptab, t.view(np.int32)[:, 2] + (h16[3::4] >> np.uint16(6)))  # Poisson number of cells
+    v = np.maximum(n * (h16[1::4] * t[:, 0] + t[:, 1]), f32(-1.5 * st["cell_od"]))  # -cell_od * cover (<= 1.5)
+    img = t[:, 3] * np.exp(v)
+    ns = st["noise"] * np.sqrt(12.0)
+    return img + (h16[0::4] * f32(ns / 65536) + f32(-0.5 * ns))
 
 
 def _cells(self, rows: slice, cols: slice, margin_px: float = 0.0) -> dict:
@@ -894,7 +962,7 @@ def _read(self, rows: slice, cols: slice) -> np.ndarray:
             img = _nissl_stamps(self, r0, r1, c0, c1)
         else:
             img = _nissl_counts(self, r0, r1, c0, c1)
-        return np.clip(img, 0, 1).astype(np.float32).reshape(1, h, w)
+        return np.clip(img, 0, 1).astype(np.float32, copy=False).reshape(1, h, w)
     t, ret, d = _pli(self, r0, r1, c0, c1)
     d = d.astype(np.float32)
     d[d >= 180] = 0  # float32 rounding must not reach 180
