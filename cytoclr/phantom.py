@@ -14,9 +14,10 @@ from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
 __all__ = ['LAYERS', 'AREA_TYPES', 'GIANT_UM', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'ATLAS_SEED', 'VARIATION_DEFAULTS', 'AXES',
-           'MODALITIES', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'area_base_name',
-           'area_type_of', 'laminar_profile', 'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns',
-           'PhantomSection', 'poisson_table', 'depth_profile', 'area_type_index']
+           'MODALITIES', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'TEXTURE_MM',
+           'TEX_SCALE', 'TEX_OFFSET', 'area_base_name', 'area_type_of', 'laminar_profile', 'hash_uniform',
+           'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection', 'poisson_table', 'depth_profile',
+           'area_type_index']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
 LAYERS = ("I", "II", "III", "IV", "V", "VI")
@@ -431,7 +432,7 @@ class PhantomSection:
         A[:, 2] = self.p0 + E @ self.t2
         self.affine = A  # xyz_mm = A @ [row, col, 1]
         self.mm_per_px = s
-        self._geom = self._axes = None
+        self._geom = self._axes = self._tex_axes = None
 
     def __repr__(self):
         return (f"PhantomSection({self.brain}, #{self.section}, {self.axis} {self.y_mm:.1f} mm, {self.modality}, "
@@ -507,12 +508,13 @@ class PhantomSection:
                     flat4=np.ascontiguousarray(F[:, :4]), area=area, area_fill=filled.ravel(),
                     vertex=np.where(near, gv, -1).astype(np.int32).reshape(na, nb))
 
-    def _interp(self, a, b, n_fields: int = 10):
-        """Bilinear interpolation of the first `n_fields` coarse fields at plane points (n,) (float32 or float64):
-        (n, F) float32, and the area (n,) of the nearest node. Points beyond the grid clamp to its empty outer ring."""
+    def _interp(self, a, b, n_fields: int = 10, table=None):
+        """Bilinear interpolation of the first `n_fields` coarse fields (or of the columns of `table`, nodes x fields)
+        at plane points (n,) (float32 or float64): (n, F) float32, and the area (n,) of the nearest node. Points
+        beyond the grid clamp to its empty outer ring."""
         G = self.geometry
         na, nb, nf = G["fields"].shape
-        flat = G["flat4"] if n_fields <= 4 else G["flat"]
+        flat = table if table is not None else G["flat4"] if n_fields <= 4 else G["flat"]
         dt = np.float32 if a.dtype == np.float32 else np.float64
         fa = (a - dt(G["origin"][0])) * dt(1 / G["step"])
         fb = (b - dt(G["origin"][1])) * dt(1 / G["step"])
@@ -897,60 +899,227 @@ def _nissl_stamps(self, r0, r1, c0, c1):
 PhantomSection.cells = _cells
 
 # %% ../nbs/01_phantom.ipynb #e5fde74b
+TEXTURE_MM = 0.025  # lattice of the fibre-density texture in the section plane
+
+
+def _lattice(self, i0, i1, j0, j1, stream):
+    """Value-noise lattice nodes [i0, i1) x [j0, j1): (i1 - i0, j1 - j0) uint16, a pure function of (section, node,
+    stream). One 64-bit hash serves four neighbouring nodes along b (its four 16-bit words): a quarter of the hashing."""
+    q0, q1 = j0 >> 2, ((j1 - 1) >> 2) + 1
+    key = (np.arange(i0, i1, dtype=np.int64)[:, None] << 32) + np.arange(q0, q1, dtype=np.int64)
+    h = _mix(key.view(np.uint64) * _G + np.uint64(self.seed + stream))  # arrays wrap silently (no overflow warning)
+    return h.view(np.uint16)[:, j0 - 4 * q0:j1 - 4 * q0]
+
+
+def _smoothstep(t):
+    return (t * t * (3 - 2 * t)).astype(np.float32)
+
+
+TEX_SCALE, TEX_OFFSET = np.float32(0.6 / 65536), np.float32(0.7)  # texture = 0.7 + 0.6 * value noise: in [0.7, 1.3)
+
+
 def _value_noise(self, a, b, cell_mm, stream):
-    "Smooth noise in [0, 1) on a lattice of `cell_mm` in the section plane (a pure function of position)."
+    """Smooth noise at plane points a, b (n,) (float64) on a lattice of `cell_mm`, a pure function of position:
+    (n,) float32 texture in [0.7, 1.3) (TEX_OFFSET + TEX_SCALE * 16-bit lattice values, smoothstep-interpolated)."""
     fa, fb = a / cell_mm, b / cell_mm
     ia, ib = np.floor(fa), np.floor(fb)
-    ta, tb = fa - ia, fb - ib
-    ta, tb = ta * ta * (3 - 2 * ta), tb * tb * (3 - 2 * tb)
+    ta, tb = _smoothstep(fa - ia), _smoothstep(fb - ib)
     ia, ib = ia.astype(np.int64), ib.astype(np.int64)
     if ia.size == 0:
-        return np.zeros(0)
-    a0, b0 = ia.min(), ib.min()
-    na, nb = ia.max() - a0 + 2, ib.max() - b0 + 2
-    H = hash_uniform(self.seed, np.arange(a0, a0 + na)[:, None], np.arange(b0, b0 + nb)[None, :], stream).ravel()
+        return np.zeros(0, np.float32)
+    a0, b0 = int(ia.min()), int(ib.min())
+    H = _lattice(self, a0, int(ia.max()) + 2, b0, int(ib.max()) + 2, stream) * TEX_SCALE + TEX_OFFSET
+    nb = H.shape[1]
+    H = H.ravel()
     i00 = (ia - a0) * nb + (ib - b0)  # lattice values hashed once per node, then gathered
     h = lambda di: np.take(H, i00 + di)
-    return (h(0) * (1 - ta) + h(nb) * ta) * (1 - tb) + (h(1) * (1 - ta) + h(nb + 1) * ta) * tb
+    top = h(0) + ta * (h(nb) - h(0))
+    return top + tb * (h(1) + ta * (h(nb + 1) - h(1)) - top)
 
 
-def _pli(self, r0, r1, c0, c1):
-    "3D-PLI: fibre populations summed as doubled-angle vectors -> transmittance, retardation, direction (deg)."
-    br, st = self._b, self._b.stain
-    f32 = np.float32
-    a, b, key = _plane32(self, r0, r1, c0, c1)
-    f, area = self._interp(a, b)  # (n, 10) float32
-    cortex = (f[:, 1] >= 0.5) & (f[:, 0] >= 0) & (f[:, 0] <= 1)
-    tissue = (cortex | (f[:, 2] >= 0.5)).astype(f32)
-    A = area * cortex
-    lv = np.take(br.lut_pli, br.lut_index(A, f[:, 3], f[:, 0]), axis=0)  # (n, 3): band I, band IV, radial
-    band1, band4, radial = lv[:, 0], lv[:, 1], lv[:, 2]
-    col, fib = f[:, 4:7], f[:, 7:10]
-    wm = ((f[:, 2] >= 0.5) & ~cortex).astype(f32)
-    cx = cortex.astype(f32)
-    tex = f32(0.7) + f32(0.6) * _value_noise(self, a, b, 0.025, 31).astype(f32)
-    # tangential fibres lie in the section plane, across the column
-    n = self.normal.astype(f32)
-    tan = np.stack([n[1] * col[:, 2] - n[2] * col[:, 1], n[2] * col[:, 0] - n[0] * col[:, 2], n[0] * col[:, 1] - n[1] * col[:, 0]], 1)
-    tan /= np.maximum(np.sqrt((tan * tan).sum(1, keepdims=True)), f32(1e-9))
-    er = (self.affine[:, 0] / np.linalg.norm(self.affine[:, 0])).astype(f32)  # image axes in 3D
-    ec = (self.affine[:, 1] / np.linalg.norm(self.affine[:, 1])).astype(f32)
-    sre, sim = np.zeros(len(a), f32), np.zeros(len(a), f32)
-    for w_, d in ((cx * radial * tex, col), (cx * (band1 + band4) * tex, tan), (wm * f32(0.75) * tex, fib)):
-        dr = d[:, 0] * er[0] + d[:, 1] * er[1] + d[:, 2] * er[2]
-        dc = d[:, 0] * ec[0] + d[:, 1] * ec[1] + d[:, 2] * ec[2]
-        sre, sim = sre + w_ * (dc * dc - dr * dr), sim + w_ * (f32(-2) * dr * dc)  # w cos^2(incl) exp(2i phi)
-    with np.errstate(over="ignore"):  # one hash per pixel: four 16-bit noise values
-        hp = _mix(key.view(np.uint64) * _G + np.uint64(self.seed) + np.uint64(32))
-    unit = lambda k: ((hp >> np.uint64(16 * k)) & np.uint64(0xFFFF)).astype(f32) * f32(np.sqrt(12.0) / 65536) - f32(np.sqrt(3.0))
-    sre = sre + f32(0.02) * unit(0)
-    sim = sim + f32(0.02) * unit(1)
-    ret = np.abs(np.sin(f32(np.pi / 2 * 0.9 * st["pli_gain"]) * np.minimum(np.hypot(sre, sim), f32(1.0))))
-    direction = np.mod(np.degrees(f32(0.5) * np.arctan2(sim, sre)), f32(180.0))
-    myelin = np.take(br.profiles["myelin"].astype(f32), A)
-    mu = f32(st["pli_attenuation"]) * (f32(0.25) * tissue + cx * myelin * (f32(0.2) + f32(0.3) * radial + f32(0.5) * band4) + f32(1.1) * wm)
-    trans = f32(0.95) * np.exp(-mu) * (f32(0.9) + f32(0.2) * tex * tissue) + f32(st["noise"] * 0.5) * unit(2)
-    return trans, ret + f32(st["noise"] * 0.5) * unit(3), direction
+def _texture_axes(self):
+    "Unrotated sections: texture lattice node and smoothstep weight of every row and of every column, computed once."
+    if self._tex_axes is None:
+        out = []
+        for k in (0, 1):
+            x = (np.arange(self.shape[k]) * self.M2[k, k] + self.t2[k]) / TEXTURE_MM  # as _plane, then / cell
+            i = np.floor(x)
+            out += [i.astype(np.int64), _smoothstep(x - i)]
+        self._tex_axes = tuple(out)
+    return self._tex_axes
+
+
+def _pli_table(b):
+    """What PLI needs per row of the profile tables (plus a white-matter row and a no-tissue row), (rows, 8) float32
+    (8 columns: whole rows gather fast): weights of the radial, tangential and white-matter fibres, times the
+    retardation gain (pi/2 * 0.9 * pli_gain), transmittance = [3] + [4] * texture, and three zeros. Cached per brain."""
+    if getattr(b, "_pli_table", None) is None:
+        st, P = b.stain, b.profiles
+        L = b.lut_pli.astype(np.float64)  # band I, band IV, radial
+        myelin = np.repeat(P["myelin"], b.LUT_GRADIENTS * b.LUT_DEPTHS)  # the area of each row
+        mu = np.concatenate([0.25 + myelin * (0.2 + 0.3 * L[:, 2] + 0.5 * L[:, 1]), [0.25 + 1.1, 0.0]])  # attenuation
+        tissue = np.append(np.ones(len(L) + 1), 0.0)
+        light = 0.95 * np.exp(-st["pli_attenuation"] * mu)
+        gain, z, n = np.pi / 2 * 0.9 * st["pli_gain"], np.zeros(2), np.zeros(len(L) + 2)
+        b._pli_table = np.stack([gain * np.concatenate([L[:, 2], z]), gain * np.concatenate([L[:, 0] + L[:, 1], z]),
+                                 gain * np.concatenate([np.zeros(len(L)), [0.75, 0.0]]),
+                                 0.9 * light, 0.2 * light * tissue, n, n, n], 1).astype(np.float32)
+    return b._pli_table
+
+
+def _pli_fields(self):
+    """What PLI reads at each node of the coarse grid, interleaved (na, nb, 8) float32: the four fields of
+    `_counts_fields` (scaled for the lookups), then the doubled-angle vectors, in the plane axes, of the radial (column)
+    and of the white-matter fibres, each (cos^2 incl cos 2phi, cos^2 incl sin 2phi). Cached per plane."""
+    G = self.geometry
+    if "pli" not in G:
+        F = G["fields"].astype(np.float64)
+        out = list(_counts_fields(G)[0][:4])
+        for d in (F[..., 4:7], F[..., 7:10]):
+            pa, pb = d @ self.e_down, d @ self.e_right
+            out += [pb * pb - pa * pa, -2 * pa * pb]
+        G["pli"] = np.stack(out, -1).astype(np.float32)
+    return G["pli"]
+
+
+def _pli_turn(self):
+    "The 2x2 map of doubled-angle vectors from plane axes to image axes (the in-plane rotation and flip), float32."
+    if getattr(self, "_turn", None) is None:
+        m0, m1 = self.M2[:, 0] / np.linalg.norm(self.M2[:, 0]), self.M2[:, 1] / np.linalg.norm(self.M2[:, 1])
+        q = lambda p: np.array([(p @ m1) ** 2 - (p @ m0) ** 2, -2 * (p @ m0) * (p @ m1)])  # in image axes
+        self._turn = np.stack([-q(np.array([1.0, 0.0])), -q(np.array([1.0, 1.0])) / 2], 1).astype(np.float32)
+    return self._turn  # columns: images of the plane-axes vectors (1, 0) and (0, 1)
+
+
+def _pli_noise(self, r0, r1, c0, c1, planes: int = 4):
+    """Zero-mean 8-bit random values per pixel as planes (planes, h, w) int8 (a view), a pure function of (section,
+    pixel, plane). One 64-bit hash per (row, block of eight columns, plane): the eight pixels of a block get its bytes."""
+    q0, q1 = c0 >> 3, ((c1 - 1) >> 3) + 1
+    zr, zc = _counts_axes(self)[6:]  # (r << 32) * G + seed and c * G
+    z = zr[r0:r1, None] + zc[q0:q1]  # (h, blocks): ((r << 32) + q) * G + seed
+    h = _mix(z + np.arange(32, 32 + planes, dtype=np.uint64)[:, None, None])  # (planes, h, blocks)
+    return h.view(np.int8)[:, :, c0 - 8 * q0:c1 - 8 * q0]
+
+
+def _pli_separable(self, r0, r1, c0, c1, texture=True):
+    """Unrotated sections: the PLI inputs of a window -- the 8 fields of `_pli_fields` (8, n), area * LUT_GRADIENTS
+    (n,) and the lattice texture (n,) (None if not `texture`) -- interpolated along b (each grid row once), then a."""
+    S = _pli_fields(self)
+    ia, ta, ian, ib, tb, ibn, zr, zc = _counts_axes(self)
+    ia, ta, ib, tb = ia[r0:r1], ta[r0:r1, None], ib[c0:c1], tb[c0:c1, None]
+    i0, i1 = min(ia[0], ia[-1]), max(ia[0], ia[-1]) + 2  # monotonic: the grid rows the window needs
+    X = S[i0:i1].take(ib, axis=1)  # (grid rows, w, 8): whole nodes gather fast
+    X1 = S[i0:i1].take(ib + 1, axis=1)
+    X1 -= X
+    X1 *= tb
+    X1 += X
+    U = np.ascontiguousarray(X1.transpose(2, 0, 1))  # (8, grid rows, w)
+    ja = ia - i0
+    f = U.take(ja, axis=1)  # along a
+    g = (U[:, 1:] - U[:, :-1]).take(ja, axis=1)
+    g *= ta
+    f += g  # (8, h, w)
+    ian, ibn = ian[r0:r1], ibn[c0:c1]
+    j0, j1 = min(ian[0], ian[-1]), max(ian[0], ian[-1]) + 1
+    area = _counts_fields(self.geometry)[1][j0:j1][:, ibn].take(ian - j0, axis=0).ravel()  # nearest node
+    if not texture:
+        return f.reshape(8, -1), area, None
+    # texture: the window's lattice nodes, interpolated along a (whole rows), then along b
+    la, sa, lb, sb = _texture_axes(self)
+    la, sa, lb, sb = la[r0:r1], sa[r0:r1, None], lb[c0:c1], sb[c0:c1]
+    i0, j0 = min(la[0], la[-1]), min(lb[0], lb[-1])
+    H = _lattice(self, i0, max(la[0], la[-1]) + 2, j0, max(lb[0], lb[-1]) + 2, 31)
+    la, lb = la - i0, lb - j0
+    H0 = H.take(la, axis=0)
+    V = np.subtract(H.take(la + 1, axis=0), H0, dtype=np.float32)
+    V *= sa
+    V += H0  # (h, lattice columns)
+    tex = V[:, lb]  # (fancy indexing gathers along the last axis faster than take)
+    t1 = V[:, lb + 1]
+    t1 -= tex
+    t1 *= sb
+    tex += t1
+    tex *= TEX_SCALE
+    tex += TEX_OFFSET
+    return f.reshape(8, -1), area, tex.ravel()
+
+
+def _pli_general(self, r0, r1, c0, c1, texture=True):
+    "Any section: the same inputs as `_pli_separable`, by bilinear lookups at each pixel's plane position."
+    a, b, _ = _plane32(self, r0, r1, c0, c1)
+    g, area = self._interp(a, b, 8, table=_pli_fields(self).reshape(-1, 8))
+    tex = _value_noise(self, *_pixels(self, r0, r1, c0, c1)[2:], TEXTURE_MM, 31) if texture else None
+    return np.ascontiguousarray(g.T), area.astype(np.float32) * np.float32(self._b.LUT_GRADIENTS), tex
+
+
+def _pli(self, r0, r1, c0, c1, separable=None):
+    """3D-PLI of a window: (3, h, w) float32 transmittance and retardation (both in [0, 1]) and direction (degrees in
+    [0, 180)). `separable` (default: when the section is not rotated) interpolates the geometry along rows, then
+    columns; otherwise by bilinear lookups per pixel."""
+    br, st, f32 = self._b, self._b.stain, np.float32
+    nD, h, w = br.LUT_DEPTHS, r1 - r0, c1 - c0
+    if separable is None:
+        separable = self.M2[0, 1] == 0 and self.M2[1, 0] == 0
+    coarse = self.mm_per_px >= TEXTURE_MM  # pixels larger than the texture lattice: per-pixel texture values
+    f, area, tex = (_pli_separable if separable else _pli_general)(self, r0, r1, c0, c1, texture=not coarse)
+    noise = _pli_noise(self, r0, r1, c0, c1, 6 if coarse else 4)  # (planes, h, w) int8
+    if coarse:  # 0.7 + 0.6 * (mean of two uniforms): the spread of point samples of the lattice texture
+        tex = np.add(noise[4], noise[5], dtype=f32).ravel()
+        tex *= f32(0.3 / 256)
+        tex += f32(1.0)
+    T = _pli_table(br)
+    d = f[0]
+    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
+    row = np.rint(f[3])  # gradient level (the node values lie in [0, LUT_GRADIENTS - 1])
+    row += area
+    row *= f32(nD)
+    row += np.minimum(d, f32(nD - 1))  # + depth bin: truncated below
+    row = row.astype(np.int32)
+    other = np.subtract(len(T) - 1, f[2] >= 0, dtype=np.int32)  # white matter or no tissue
+    row -= other
+    row *= cortex
+    row += other  # (faster than np.where)
+    t = T.take(row, axis=0)  # (n, 8)
+    # fibre populations as doubled-angle vectors, each weighted by density * texture: radial fibres along the column
+    # (Qc), tangential ones across it in the plane (-Qc / |Qc|: the doubled angle turned by 180 degrees, inclination
+    # 0) and white-matter fibres (Qf). N is minus their sum, times the retardation gain (in the table).
+    Qc = f[4:6]
+    k = Qc[0] * Qc[0]
+    k += Qc[1] * Qc[1]
+    np.sqrt(k, out=k)
+    np.maximum(k, f32(1e-12), out=k)
+    np.divide(t[:, 1], k, out=k)
+    k -= t[:, 0]
+    k *= tex
+    N = Qc * k  # (2, n)
+    np.multiply(t[:, 2], tex, out=k)
+    N -= f[6:8] * k
+    R = _pli_turn(self)
+    if R[0, 1] != 0 or R[1, 0] != 0 or R[0, 0] != 1:  # rotated: turn the doubled angles into image axes
+        N = np.stack([R[0, 0] * N[0] + R[0, 1] * N[1], R[1, 0] * N[0] + R[1, 1] * N[1]])
+    elif R[1, 1] != 1:  # flipped
+        np.negative(N[1], out=N[1])
+    gain, u = np.pi / 2 * 0.9 * st["pli_gain"], np.sqrt(12.0) / 256  # int8 * u: unit variance
+    N = N.reshape(2, h, w)
+    N += noise[:2] * f32(0.02 * gain * u)
+    out = np.empty((3, h, w), f32)
+    np.multiply(t[:, 4], tex, out=out[0].reshape(-1))  # transmittance
+    out[0] += t[:, 3].reshape(h, w)
+    m = out[1]  # retardation: |sin(gain * min(|sum|, 1))|
+    np.multiply(N[0], N[0], out=m)
+    m += N[1] * N[1]
+    np.sqrt(m, out=m)
+    np.minimum(m, f32(gain), out=m)
+    np.sin(m, out=m)
+    if gain > np.pi:
+        np.abs(m, out=m)
+    out[:2] += noise[2:4] * f32(st["noise"] * 0.5 * u)
+    np.clip(out[:2], 0, 1, out=out[:2])
+    phi = np.arctan2(N[1], N[0])  # the direction of -sum: phi / 2 + 90 degrees is the direction, in (0, 180]
+    phi *= f32(90 / np.pi)
+    phi += f32(90)
+    np.multiply(phi, phi < 180, out=out[2])  # 180 is 0
+    return out
 
 
 def _read(self, rows: slice, cols: slice) -> np.ndarray:
@@ -963,10 +1132,7 @@ def _read(self, rows: slice, cols: slice) -> np.ndarray:
         else:
             img = _nissl_counts(self, r0, r1, c0, c1)
         return np.clip(img, 0, 1).astype(np.float32, copy=False).reshape(1, h, w)
-    t, ret, d = _pli(self, r0, r1, c0, c1)
-    d = d.astype(np.float32)
-    d[d >= 180] = 0  # float32 rounding must not reach 180
-    return np.stack([np.clip(t, 0, 1).astype(np.float32), np.clip(ret, 0, 1).astype(np.float32), d]).reshape(3, h, w)
+    return _pli(self, r0, r1, c0, c1)
 
 
 PhantomSection.read = _read

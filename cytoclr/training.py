@@ -588,6 +588,7 @@ class DataConfig:
     neighbour_distance: str = "auto"  # geodesic (auto: when available) or euclidean neighbourhoods
     level: int = 2  # cortex-mask level used for sampling
     max_sections: int = 0  # use only this many sections of the split, evenly spread (0: all)
+    brains: list | None = None  # train on the split's sections of these brains only (None: every brain)
     augment: bool = True
     cache: bool = True  # render each crop once and keep it in memory
 
@@ -648,7 +649,16 @@ def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True
     from cytoclr.sampling import sample_locations
     from cytoclr.sections import load_manifest
     man = manifest if manifest is not None else load_manifest(dcfg.manifest)
-    sections = spread(man.split(dcfg.split, dcfg.modality), dcfg.max_sections)
+    sections = man.split(dcfg.split, dcfg.modality)
+    if dcfg.brains is not None:
+        wanted = [dcfg.brains] if isinstance(dcfg.brains, str) else list(dcfg.brains)
+        known = sorted({s.brain for s in sections})
+        missing = [b for b in wanted if b not in known]
+        if missing or not wanted:
+            raise DataError(f"brains {missing or wanted} have no {dcfg.modality} sections in split '{dcfg.split}': "
+                            f"expected some of {known}", file=getattr(man, "path", None), field="brains")
+        sections = [s for s in sections if s.brain in wanted]
+    sections = spread(sections, dcfg.max_sections)
     if not sections:
         raise DataError(f"split '{dcfg.split}' has no {dcfg.modality} sections", file=getattr(man, "path", None), field="split")
     ref = man.reference

@@ -388,6 +388,45 @@ def test_ddp_two_ranks_equal_one_process_on_the_global_batch(tmp_path, method):
     assert st["world_size"] == 2 and len(st["rng"]) == 2
 
 
+def _ddp_resume_worker(rank, world, port, run_dir, interrupt_after):
+    "One rank of a 2-process run with dropout; `interrupt_after`: kill it (on every rank) after that many batches."
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    data = stream(b=4, rank=rank, world=world)
+    try:
+        T.train(cfg_(method="geodesic", steps=10, batch_size=4, checkpoint_every=3), Bomb(data, interrupt_after)
+                if interrupt_after else data, run_dir, model=ToyModel(dropout=0.2, seed=rank + 5), distances=toy_distances,
+                progress=False)
+    except Interrupt:
+        pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    "2 gloo ranks killed after 7 steps and restarted resume from step 6 with every rank's RNG: same losses and weights."
+    import torch.multiprocessing as mp
+    a, b = tmp_path / "a", tmp_path / "b"
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), a, 0), nprocs=2, join=True)
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), b, 7), nprocs=2, join=True)
+    st = torch.load(T.checkpoint_path(b, "geodesic"), weights_only=False)
+    assert st["step"] == 6 and len(st["rng"]) == 2
+    with pytest.raises(DataError, match="written by 2 ranks"):  # not resumable by another number of processes
+        T.train(cfg_(method="geodesic", steps=10, batch_size=4, checkpoint_every=3), stream(b=4), b,
+                model=ToyModel(dropout=0.2), distances=toy_distances, progress=False)
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), b, 0), nprocs=2, join=True)
+    la, lb = losses_of(a, "geodesic"), losses_of(b, "geodesic")
+    assert [s for s, _ in lb] == list(range(1, 11))
+    np.testing.assert_allclose([l for _, l in lb], [l for _, l in la], rtol=0, atol=1e-6)
+    wa, wb = weights_of(T.checkpoint_path(a, "geodesic")), weights_of(T.checkpoint_path(b, "geodesic"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------- command line
 def test_cli_help_and_import_does_not_run():
     r = subprocess.run([sys.executable, "-m", "cytoclr.training", "--help"], capture_output=True, text=True, cwd=ROOT)
@@ -417,3 +456,30 @@ def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
         st = torch.load(T.checkpoint_path(tmp_path / "run", m), weights_only=False)
         assert st["step"] == (0 if m == "random" else 4) and st["config"]["steps"] == 4
     assert set(json.loads((tmp_path / "run/metrics.json").read_text())["training"]) == {"geodesic", "supcon"}
+
+
+# ---------------------------------------------------------------- training data restricted to some brains
+class _Sec:
+    def __init__(self, brain, index):
+        self.brain, self.section = brain, index
+
+
+class _Manifest:
+    path, reference = "m.yml", "REF"
+
+    def split(self, split, modality):
+        return [_Sec(b, i) for b in ("b0", "b1") for i in range(3)]
+
+
+def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
+    import cytoclr.sampling as S
+    monkeypatch.setattr(S, "sample_locations", lambda secs, n, seed, ref, level: ("samples", len(secs)))
+    secs, smp, ref = T.load_training_samples(T.DataConfig(brains=["b1"]), _Manifest())
+    assert [s.brain for s in secs] == ["b1"] * 3 and smp == ("samples", 3) and ref == "REF"
+    secs, *_ = T.load_training_samples(T.DataConfig(brains="b0", max_sections=2), _Manifest())
+    assert [(s.brain, s.section) for s in secs] == [("b0", 0), ("b0", 2)]  # spread within the chosen brain
+    assert len(T.load_training_samples(T.DataConfig(), _Manifest())[0]) == 6  # None: every brain
+    for bad in (["b7"], []):
+        with pytest.raises(DataError) as e:
+            T.load_training_samples(T.DataConfig(brains=bad), _Manifest())
+        assert e.value.field == "brains" and "b0" in str(e.value) and e.value.file == "m.yml"
