@@ -31,7 +31,7 @@ from .pipeline import DataError, atomic_path, parse_assignment, read_yaml_mappin
 __all__ = ['METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'TrainConfig', 'euclidean_distances', 'make_weighting', 'lr_factor',
            'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything', 'build_model', 'make_optimizer',
            'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'TrainResult',
-           'read_log', 'train', 'load_model', 'load_encoder', 'DataConfig', 'CachedCrops', 'spread',
+           'read_log', 'train', 'load_model', 'load_encoder', 'embed', 'DataConfig', 'CachedCrops', 'spread',
            'load_training_samples', 'build_data', 'surface_distances', 'split_config', 'build_parser', 'main']
 
 # %% ../nbs/07_training.ipynb #994889c2
@@ -572,6 +572,14 @@ def load_model(run_dir, method: str, device="cpu", build=None) -> nn.Module:
 def load_encoder(run_dir, method: str, device="cpu", build=None) -> nn.Module:
     "The encoder of a method (trained weights; seeded initialisation for 'random'), in eval mode on `device`."
     return load_model(run_dir, method, device, build).encoder
+
+
+
+@torch.no_grad()
+def embed(encoder, images, device="cpu", batch: int = 256) -> np.ndarray:
+    "Backbone features (n, D), L2-normalised, of images (n, C, H, W) (numpy or tensor), in batches on `device`."
+    out = [encoder(torch.as_tensor(images[i:i + batch]).to(device)).float().cpu() for i in range(0, len(images), batch)]
+    return torch.nn.functional.normalize(torch.cat(out), dim=1).numpy()
 
 # %% ../nbs/07_training.ipynb #bbb92867
 @dataclass

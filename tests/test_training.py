@@ -483,3 +483,11 @@ def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
         with pytest.raises(DataError) as e:
             T.load_training_samples(T.DataConfig(brains=bad), _Manifest())
         assert e.value.field == "brains" and "b0" in str(e.value) and e.value.file == "m.yml"
+
+
+def test_embed_is_normalised_and_independent_of_the_batch_size():
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = np.random.default_rng(0).normal(size=(10, 1, 8, 8)).astype(np.float32)
+    a, b = T.embed(enc, x, batch=3), T.embed(enc, torch.from_numpy(x), batch=256)
+    assert a.shape == (10, 4) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-6)
