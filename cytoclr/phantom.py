@@ -742,6 +742,17 @@ def _counts_axes(self):
     return self._axes
 
 
+def _table_rows(f, area, n_rows: int, nG: int, nD: int) -> np.ndarray:
+    """Row of a per-brain rendering table for every pixel (n,) int32: in the cortex the profile row (area, gradient
+    level, depth bin), else the white-matter row (n_rows - 2) or the no-tissue row (n_rows - 1). `f`: the four scaled
+    fields of `_counts_fields` (4, n) (depth * nD, inside - 0.5, white matter - 0.5, gradient level); `area` (n,)
+    area * nG, float32. Shared by the Nissl and PLI renderers."""
+    f32, d = np.float32, f[0]
+    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
+    row = (area + np.rint(np.clip(f[3], 0, nG - 1))) * f32(nD) + np.floor(np.minimum(d, nD - 1))  # profile row
+    return np.where(cortex, row, f32(n_rows - 1) - (f[2] >= 0)).astype(np.int32)  # else white matter or no tissue
+
+
 def _nissl_counts(self, r0, r1, c0, c1):
     "Nissl at coarse spacing: each pixel holds a Poisson number of cell bodies, drawn as optical density (float32)."
     b, st, f32 = self._b, self._b.stain, np.float32
@@ -768,11 +779,7 @@ def _nissl_counts(self, r0, r1, c0, c1):
         area = area.astype(f32) * f32(nG)
         with np.errstate(over="ignore"):
             z = key.view(np.uint64) * _G + np.uint64(self.seed)
-    d = f[0]
-    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
-    row = (area + np.rint(np.clip(f[3], 0, nG - 1))) * f32(nD) + np.floor(np.minimum(d, nD - 1))  # profile row
-    row = np.where(cortex, row, f32(len(T) - 1) - (f[2] >= 0)).astype(np.int32)  # else white matter or no tissue
-    t = np.take(T, row, axis=0)
+    t = np.take(T, _table_rows(f, area, len(T), nG, nD), axis=0)
     with np.errstate(over="ignore"):  # one hash per pixel, as 16-bit words (little-endian): noise, size, -, count
         h16 = _mix(z).view(np.uint16)
     n = np.take(ptab, t.view(np.int32)[:, 2] + (h16[3::4] >> np.uint16(6)))  # Poisson number of cells
@@ -1068,18 +1075,7 @@ def _pli(self, r0, r1, c0, c1, separable=None):
         tex *= f32(0.3 / 256)
         tex += f32(1.0)
     T = _pli_table(br)
-    d = f[0]
-    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
-    row = np.rint(f[3])  # gradient level (the node values lie in [0, LUT_GRADIENTS - 1])
-    row += area
-    row *= f32(nD)
-    row += np.minimum(d, f32(nD - 1))  # + depth bin: truncated below
-    row = row.astype(np.int32)
-    other = np.subtract(len(T) - 1, f[2] >= 0, dtype=np.int32)  # white matter or no tissue
-    row -= other
-    row *= cortex
-    row += other  # (faster than np.where)
-    t = T.take(row, axis=0)  # (n, 8)
+    t = T.take(_table_rows(f, area, len(T), br.LUT_GRADIENTS, nD), axis=0)  # (n, 8)
     # fibre populations as doubled-angle vectors, each weighted by density * texture: radial fibres along the column
     # (Qc), tangential ones across it in the plane (-Qc / |Qc|: the doubled angle turned by 180 degrees, inclination
     # 0) and white-matter fibres (Qf). N is minus their sum, times the retardation gain (in the table).
