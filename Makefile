@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # multi-GB CUDA build when another package asks for torch.
 TORCH := torch==2.13.0
 
-.PHONY: install test book check-clean pytest smoke bench clean
+.PHONY: install test book check-clean pytest smoke smoke-book browser browser-check bench clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,14 +29,32 @@ check-clean: install
 	  echo "nbdev_export/nbdev_clean changed files: run them and commit the result"; git status --short; exit 1; \
 	fi; echo "notebooks and modules are in sync and clean"
 
+## the browser check needs a built book: it runs after smoke-book (browser-check), not here
 pytest: install
-	MPLBACKEND=Agg $(BIN)/python -m pytest tests -q
+	MPLBACKEND=Agg $(BIN)/python -m pytest tests -q --ignore=tests/test_book_browser.py
 
 ## every chapter, in order, with the tiny smoke profile, through the same papermill runner
 smoke: install
 	$(BIN)/cytoclr run --profile smoke --out runs/smoke --force
 
-test: check-clean pytest smoke
+## the book of the smoke run, checked in a real browser (offline, every chapter page)
+smoke-book: install
+	$(BIN)/cytoclr book --run runs/smoke --out _build/smoke
+
+## Debian's chromium for the browser check (Playwright's own browser download cannot work offline)
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "the browser check needs Debian's chromium at /usr/bin/chromium:" \
+	  "run 'sudo apt-get install -y chromium' (or make browser as root)"; exit 1; fi
+
+browser-check: install browser
+	@test -f _build/smoke/html/index.html || { echo "no smoke book in _build/smoke/html: run make smoke smoke-book"; exit 1; }
+	CYTOCLR_BOOK_HTML=_build/smoke/html CYTOCLR_SCREENSHOT_DIR=runs/smoke MPLBACKEND=Agg \
+	  $(BIN)/python -m pytest tests/test_book_browser.py -q
+
+test: check-clean pytest smoke smoke-book browser-check
 
 book: install
 	$(BIN)/cytoclr run --profile quick --out runs/quick

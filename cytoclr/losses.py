@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .pipeline import DataError
+from .core import DataError
 
 # %% auto #0
 __all__ = ['spatial_nce', 'label_weights', 'view_weights', 'clip_loss', 'gather_with_grad', 'gather_tensor',

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pipeline import DataError
+from .core import DataError, cosine_topk
 
 # %% auto #0
 __all__ = ['check_train_test', 'check_test_labels', 'linear_probe', 'select_c', 'knn_predict', 'classification_scores',
-           'chance_scores', 'evaluate_mapping', 'load_frozen_encoder']
+           'chance_scores', 'evaluate_mapping', 'bootstrap_scores', 'atlas_scores', 'load_frozen_encoder']
 
 # %% ../nbs/08_mapping.ipynb #fd4a7e1e
 def _features(x, name: str) -> np.ndarray:
@@ -110,47 +110,23 @@ def select_c(x_train, y_train, grid=(0.01, 0.1, 1.0), folds: int = 5, seed: int 
     return max(grid, key=lambda c: (score[c], -c)), score
 
 # %% ../nbs/08_mapping.ipynb #699657d3
-def _top_k(sim: np.ndarray, k: int) -> np.ndarray:
-    "Indices (m, k) of the k largest entries of each row of sim (m, n), ordered by (-sim, index)."
-    m, n = sim.shape
-    if k >= n:
-        idx = np.broadcast_to(np.arange(n), (m, n))
-    else:
-        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1:k]  # (m, 1) the k-th largest similarity
-        above = sim > kth  # (m, n) certainly among the k
-        tie = sim == kth  # (m, n) at the k-th place: take the lowest indices
-        need = k - above.sum(1, keepdims=True)  # (m, 1)
-        take = above | (tie & (np.cumsum(tie, axis=1) <= need))  # exactly k per row
-        idx = np.nonzero(take)[1].reshape(m, k)  # ascending index within each row
-    s = np.take_along_axis(sim, idx, axis=1)  # (m, k)
-    return np.take_along_axis(idx, np.argsort(-s, axis=1, kind="stable"), axis=1)
-
-
-def knn_predict(x_train, y_train, x_test, k: int = 10, chunk: int = 1024) -> np.ndarray:
+def knn_predict(x_train, y_train, x_test, k: int = 10, chunk: int | None = None) -> np.ndarray:
     """Predicted labels (q,) of x_test (q, d): majority vote of the k most cosine-similar rows of x_train (n, d).
 
-    Ties between neighbours go to the lower training index, ties between classes to the class of the
-    best-ranked neighbour. Works on chunks of `chunk` queries (memory chunk x n)."""
+    Neighbours come from the library's one exact top-k (`cytoclr.core.cosine_topk`: ties go to the lower training
+    index, memory bounded by chunks of queries); ties between classes go to the class of the best-ranked neighbour."""
     xa, ya, xq = check_train_test(x_train, y_train, x_test)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise DataError(f"k must be an integer >= 1, got {k!r}", field="k")
     if k > len(xa):
         raise DataError(f"k = {k} exceeds the {len(xa)} training samples", field="k")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise DataError(f"chunk must be an integer >= 1, got {chunk!r}", field="chunk")
     k = int(k)
     classes, codes = np.unique(ya, return_inverse=True)  # (c,), (n,)
-    a = xa / np.maximum(np.linalg.norm(xa, axis=1, keepdims=True), 1e-12)  # (n, d) unit rows
-    b = xq / np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)  # (q, d)
-    out = np.empty(len(b), np.int64)
-    c = np.arange(len(classes))
-    for s in range(0, len(b), chunk):  # chunks of queries, not single samples
-        nb = _top_k(b[s:s + chunk] @ a.T, k)  # (m, k) neighbour indices, best first
-        hit = codes[nb][:, :, None] == c  # (m, k, c) neighbour j is of class c
-        votes = hit.sum(1)  # (m, c)
-        first = np.where(hit.any(1), hit.argmax(1), k)  # (m, c) rank of each class's best neighbour
-        out[s:s + chunk] = (votes * (k + 1) - first).argmax(1)  # most votes, then the nearest
-    return classes[out]
+    nb, _ = cosine_topk(xq, xa, k, chunk=chunk)  # (q, k) neighbour indices, best first
+    hit = codes[nb][:, :, None] == np.arange(len(classes))  # (q, k, c) neighbour j is of class c
+    votes = hit.sum(1)  # (q, c)
+    first = np.where(hit.any(1), hit.argmax(1), k)  # (q, c) rank of each class's best neighbour
+    return classes[(votes * (k + 1) - first).argmax(1)]  # most votes, then the nearest
 
 # %% ../nbs/08_mapping.ipynb #e3ef59a8
 def classification_scores(y_true, y_pred) -> dict:
@@ -204,24 +180,59 @@ def evaluate_mapping(x_train, y_train, tests: dict, k: int = 10, C=1.0, seed: in
         out["chance"][t] = chance_scores(ya, tests[t][1])
     return out
 
+# %% ../nbs/08_mapping.ipynb #f87c08ed
+def bootstrap_scores(y_true, y_pred, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Bootstrap `level` intervals of accuracy and macro F1 over `groups` (e.g. the section of each test location):
+    groups are drawn with replacement, every location of a drawn group counts once per draw.
+
+    y_true, y_pred, groups (q,). Returns {"accuracy": [lo, hi], "macro_f1": [lo, hi]}. Vectorised: a replicate is a
+    weight per location, and per-class true/false positives are matrix products (no loop over replicates)."""
+    yt, yp, g = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    if yt.ndim != 1 or len(yt) == 0 or yp.shape != yt.shape or g.shape != yt.shape:
+        raise DataError(f"y_true, y_pred and groups must be 1-D of one length, got {yt.shape}, {yp.shape}, {g.shape}",
+                        field="groups")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1) or not 0 < level < 1:
+        raise DataError(f"n_boot must be >= 1 and level in (0, 1), got {n_boot!r}, {level!r}", field="n_boot")
+    labels, inv = np.unique(np.concatenate([yt, yp]), return_inverse=True)
+    t, p = inv[:len(yt)], inv[len(yt):]  # class codes
+    ug, gi = np.unique(g, return_inverse=True)  # (G,), (q,)
+    draws = np.random.default_rng(seed).integers(0, len(ug), (int(n_boot), len(ug)))  # (B, G) groups drawn
+    counts = np.zeros((int(n_boot), len(ug)))
+    np.add.at(counts, (np.arange(int(n_boot))[:, None], draws), 1.0)  # (B, G) times each group is drawn
+    w = counts[:, gi]  # (B, q) weight of every location in every replicate
+    hit = (t == p).astype(float)  # (q,)
+    acc = (w @ hit) / w.sum(1)  # (B,)
+    C = len(labels)
+    T = np.eye(C)[t]  # (q, C) one-hot truth
+    P = np.eye(C)[p]  # (q, C) one-hot prediction
+    tp = w @ (T * hit[:, None])  # (B, C)
+    fp, fn = w @ P - tp, w @ T - tp
+    present = (tp + fp + fn) > 0  # classes in the replicate's truth or predictions (sklearn's macro average)
+    f1 = np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), 0.0)
+    macro = f1.sum(1) / np.maximum(present.sum(1), 1)
+    a = (1 - level) / 2
+    return {"accuracy": np.quantile(acc, [a, 1 - a]).tolist(), "macro_f1": np.quantile(macro, [a, 1 - a]).tolist()}
+
+
+def atlas_scores(y_true, y_atlas) -> dict:
+    "Scores of the atlas baseline: the reference atlas's label at each location's registered position (y_atlas (q,))."
+    return classification_scores(y_true, y_atlas)
+
 # %% ../nbs/08_mapping.ipynb #3bed0ec1
-def load_frozen_encoder(run_dir, method: str, device="cpu") -> tuple:
-    """(encoder in eval mode on `device`, data settings {patch_px, level, ...}) of chapter 7's `method`.
+def load_frozen_encoder(run_dir, method: str, modality: str = "nissl", device="cpu") -> tuple:
+    """(encoder in eval mode on `device`, data settings {patch_px, level, ...}) of chapter 7's `method` and `modality`.
 
     The "random" encoder needs no checkpoint of its own (its architecture and data settings come from
     another method's); a missing trained checkpoint raises `DataError` naming the command that makes it."""
     from cytoclr.training import METHODS, checkpoint_path, load_checkpoint, load_encoder
     if method not in METHODS:
         raise DataError(f"method must be one of {METHODS}, got {method!r}", field="methods")
-    path = checkpoint_path(run_dir, method)
-    found = [p for p in [path] + [checkpoint_path(run_dir, m) for m in METHODS if m != method] if p.exists()]
+    path = checkpoint_path(run_dir, modality, method)
+    found = [p for p in [path] + [checkpoint_path(run_dir, modality, m) for m in METHODS if m != method] if p.exists()]
     if (method != "random" and not path.exists()) or not found:
-        raise DataError(f"no trained encoder '{method}' in {Path(run_dir).resolve()}: train it first with "
+        raise DataError(f"no trained {modality} encoder '{method}' in {Path(run_dir).resolve()}: train it first with "
                         f"`cytoclr run --profile quick --out {run_dir} --only 07_training`", file=path, field="run_dir")
     data = dict(load_checkpoint(found[0]).get("meta", {}).get("data", {}))
-    data.setdefault("patch_px", 128)
+    data.setdefault("patch_px", 64)
     data.setdefault("level", 2)
-    return load_encoder(run_dir, method, device), data
-
-
-
+    return load_encoder(run_dir, method, modality, device), data

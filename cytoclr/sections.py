@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -17,16 +19,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import yaml
 
-from .pipeline import DataError, atomic_path
-from .reference import load_reference, sha256_file
+from .core import DataError, atomic_path, path_fingerprint, source_fingerprint
+from .reference import load_reference
 
 # %% auto #0
 __all__ = ['MODALITIES', 'FILL', 'SPLITS', 'Section', 'mask_shape', 'to_reference', 'from_reference', 'check_affine',
            'ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image', 'ImageMask',
-           'PolygonMask', 'ReferenceMask', 'ImageSection', 'sha256_path', 'Problem', 'SectionEntry',
-           'PhantomSectionProxy', 'Manifest', 'load_manifest', 'sections_of_split', 'validate_manifest',
-           'check_manifest_cli', 'phantom_y_positions', 'default_splits', 'write_section_zarr', 'export_phantom',
-           'export_phantom_cli']
+           'PolygonMask', 'ReferenceMask', 'ImageSection', 'Problem', 'SectionEntry', 'PhantomSectionProxy', 'Manifest',
+           'load_manifest', 'sections_of_split', 'manifest_fingerprint', 'validate_manifest', 'check_manifest_cli',
+           'phantom_y_positions', 'default_splits', 'write_section_zarr', 'export_phantom', 'export_phantom_cli']
 
 # %% ../nbs/02_sections.ipynb #73261751
 MODALITIES = {"nissl": ("intensity",), "pli": ("transmittance", "retardation", "direction")}
@@ -178,14 +179,25 @@ class ZarrReader(ImageReader):
         return out if self._ic is not None else out[None]
 
 
+class _QuietTifffile:
+    "Silence tifffile's logger while it parses or decodes: a broken file gets our one-line message, not its log lines."
+
+    def __enter__(self):
+        self.log = logging.getLogger("tifffile")
+        self.was, self.log.disabled = self.log.disabled, True
+
+    def __exit__(self, *exc):
+        self.log.disabled = self.was
+
+
 class TiffReader(ImageReader):
-    "TIFF / BigTIFF, tiled or striped, optionally pyramidal; axes YX, YXS, CYX or SYX."
+    "TIFF / BigTIFF, tiled or striped, optionally pyramidal, any codec imagecodecs decodes (JPEG, JPEG 2000, LZW, ...)."
 
     def __init__(self, path):
         import tifffile
         self.path = Path(path)
         try:
-            with tifffile.TiffFile(self.path) as tif:
+            with _QuietTifffile(), tifffile.TiffFile(self.path) as tif:
                 series = tif.series[0]
                 levels = series.levels
                 self.axes = series.axes
@@ -250,19 +262,23 @@ class TiffReader(ImageReader):
         r0, r1 = _span(rows, lay["shape"][0])
         c0, c1 = _span(cols, lay["shape"][1])
         try:
-            fd = self._handle()
-            out = np.zeros((lay["channels"], max(r1 - r0, 0), max(c1 - c0, 0)), lay["dtype"])
-            if out.size == 0:
-                return out
-            pages = self._tif_pages[level]
-            if len(lay["pages"]) == lay["channels"] and lay["channels"] > 1:  # one page per channel
-                for c, (info, page) in enumerate(zip(lay["pages"], pages)):
-                    out[c] = self._read_page(fd, page, info, r0, r1, c0, c1)[..., 0]
-            else:
-                out[:] = np.moveaxis(self._read_page(fd, pages[0], lay["pages"][0], r0, r1, c0, c1), -1, 0)
-            return out
+            with _QuietTifffile():
+                return self._read(level, lay, r0, r1, c0, c1)
         except Exception as e:
             self._fail(f"cannot read rows {r0}:{r1}, cols {c0}:{c1} of level {level}", e)
+
+    def _read(self, level, lay, r0, r1, c0, c1):
+        fd = self._handle()
+        out = np.zeros((lay["channels"], max(r1 - r0, 0), max(c1 - c0, 0)), lay["dtype"])
+        if out.size == 0:
+            return out
+        pages = self._tif_pages[level]
+        if len(lay["pages"]) == lay["channels"] and lay["channels"] > 1:  # one page per channel
+            for c, (info, page) in enumerate(zip(lay["pages"], pages)):
+                out[c] = self._read_page(fd, page, info, r0, r1, c0, c1)[..., 0]
+        else:
+            out[:] = np.moveaxis(self._read_page(fd, pages[0], lay["pages"][0], r0, r1, c0, c1), -1, 0)
+        return out
 
     @staticmethod
     def _read_page(fd, page, info, r0, r1, c0, c1) -> np.ndarray:
@@ -473,7 +489,8 @@ class ImageSection:
     "A section stored in an image file: lazy windowed reads, an affine into the reference, a cortex mask."
 
     def __init__(self, image: ImageReader, modality: str, spacing_um: float, affine, mask=None,
-                 brain: str = "", section=None, id: str | None = None, field: str = "", channel_names=None):
+                 brain: str = "", section=None, id: str | None = None, field: str = "", channel_names=None,
+                 series: str | None = None):
         if modality not in MODALITIES:
             raise DataError(f"unknown modality '{modality}': expected one of {list(MODALITIES)}", file=image.path, field=field)
         if image.channels != len(MODALITIES[modality]):
@@ -483,7 +500,7 @@ class ImageSection:
         if errors:
             raise DataError(f"transform {errors[0]}", file=image.path, field=f"{field}.transform" if field else "transform")
         self.image, self.modality, self.spacing_um, self.affine = image, modality, float(spacing_um), A
-        self.mask, self.brain, self.section, self.field = mask, brain, section, field
+        self.mask, self.brain, self.section, self.field, self.series = mask, brain, section, field, series
         self.id = id or (f"{brain}/{Path(image.path).name}" if brain else Path(image.path).name)
         self.channel_names = tuple(channel_names or MODALITIES[modality])
         self.source = str(image.path)
@@ -538,29 +555,18 @@ class ImageSection:
             self._masks[level] = m
         return self._masks[level]
 
-# %% ../nbs/02_sections.ipynb #c18f1983
-def sha256_path(path) -> str:
-    "SHA-256 of a file, or of a folder (zarr store) as the hash of its sorted `relpath\\tsha256` lines."
-    import hashlib
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}\n".encode())
-    return h.hexdigest()
-
 # %% ../nbs/02_sections.ipynb #52970e7b
 SPLITS = ("train", "validation", "test")
 _TOP = {"reference": False, "brains": True, "sections": False, "phantom_series": False, "splits": False}
 _BRAIN = {"id": True, "phantom": False, "description": False, "provenance": False}
 _FILE_SECTION = {"id": False, "brain": True, "path": True, "sha256": True, "modality": True, "spacing_um": True,
-                 "transform": True, "mask": False, "index": False, "provenance": False, "channel_names": False}
+                 "transform": True, "mask": False, "index": False, "series": False, "provenance": False,
+                 "channel_names": False}
 _PHANTOM_SECTION = {"id": False, "brain": True, "modality": True, "spacing_um": True, "index": False,
-                    "phantom": True, "provenance": False}
-_SERIES = {"brains": True, "modalities": True, "spacing_um": True, "y_mm": True, "axis": False, "tilt_deg": False,
-           "rotation_deg": False, "flip": False, "shrinkage": False}
-_SECTION_KW = ("y_mm", "axis", "tilt_deg", "rotation_deg", "flip", "shrinkage")
+                    "series": False, "phantom": True, "provenance": False}
+_SERIES = {"name": False, "brains": True, "modalities": True, "spacing_um": True, "y_mm": False, "position_mm": False,
+           "axis": False, "tilt_deg": False, "rotation_deg": False, "flip": False, "shrinkage": False, "region_mm": False}
+_SECTION_KW = ("y_mm", "axis", "tilt_deg", "rotation_deg", "flip", "shrinkage", "region_mm")
 
 
 @dataclass
@@ -591,6 +597,7 @@ class SectionEntry:
     mask: dict | None = None
     channel_names: list | None = None
     phantom: dict | None = None  # phantom sections: keywords of PhantomBrain.section
+    series: str | None = None  # which series of its brain it belongs to (two series of one brain: two names)
 
     @property
     def kind(self) -> str:
@@ -765,7 +772,8 @@ def _parse(data, root: Path, c: _Checker):
         mod = c.modality(s.get("modality"), f"{w}.modality") if "modality" in s else None
         sp = c.number(s.get("spacing_um"), f"{w}.spacing_um", positive=True) if "spacing_um" in s else None
         idx = index_of(s.get("index"), f"{w}.index")
-        e = SectionEntry(id="", brain=brain, modality=mod, spacing_um=sp, index=idx, field=w)
+        e = SectionEntry(id="", brain=brain, modality=mod, spacing_um=sp, index=idx, field=w,
+                         series=str(s["series"]) if "series" in s else None)
         if is_ph:
             ph = s["phantom"]
             if c.fields(ph, f"{w}.phantom", {k: False for k in _SECTION_KW}):
@@ -824,14 +832,23 @@ def _parse(data, root: Path, c: _Checker):
         bs = [brain_of(b, f"{w}.brains[{j}]", phantom=True) for j, b in enumerate(_as_list(s.get("brains", [])))]
         ms = [c.modality(m, f"{w}.modalities[{j}]") for j, m in enumerate(_as_list(s.get("modalities", [])))]
         sp = c.number(s.get("spacing_um"), f"{w}.spacing_um", positive=True) if "spacing_um" in s else None
-        ys = _y_positions(c, s.get("y_mm"), f"{w}.y_mm") if "y_mm" in s else []
+        pos_key = [k for k in ("position_mm", "y_mm") if k in s]
+        if len(pos_key) != 1:
+            c.error(f"{w}.position_mm", "give the planes' positions along the cutting axis: exactly one of "
+                                        "position_mm (or its older name y_mm)")
+        ys = _y_positions(c, s.get(pos_key[0]), f"{w}.{pos_key[0]}") if len(pos_key) == 1 else []
+        name = s.get("name")
+        if name is not None and not (isinstance(name, str) and name and "/" not in name):
+            c.error(f"{w}.name", f"must be a non-empty name without '/', got {name!r}")
+            name = None
         kw = {k: s[k] for k in _SECTION_KW[1:] if k in s}
         for b in bs:
             for m in ms:
                 for j, y in enumerate(ys):
                     if b and m and sp:
-                        entries.append(SectionEntry(id=f"{b}/{m}/{j:03d}", brain=b, modality=m, spacing_um=sp, index=j,
-                                                    field=w, phantom={"y_mm": y, **kw}))
+                        sid = f"{b}/{name}/{m}/{j:03d}" if name else f"{b}/{m}/{j:03d}"
+                        entries.append(SectionEntry(id=sid, brain=b, modality=m, spacing_um=sp, index=j, field=w,
+                                                    phantom={"y_mm": y, **kw}, series=name))
     seen = {}
     for e in entries:
         if e.id in seen:
@@ -855,12 +872,16 @@ def _parse(data, root: Path, c: _Checker):
                         c.error(w, f"unknown section id '{item}'")
                     else:
                         picked.append(item)
-                elif c.fields(item, w, {"brains": False, "index": False, "modality": False}):
+                elif c.fields(item, w, {"brains": False, "index": False, "modality": False, "series": False}):
                     bset = {brain_of(b, f"{w}.brains") for b in _as_list(item["brains"])} if "brains" in item else None
                     iset = set(_as_list(item["index"])) if "index" in item else None
                     mset = {c.modality(m, f"{w}.modality") for m in _as_list(item["modality"])} if "modality" in item else None
+                    sset = {str(x) for x in _as_list(item["series"])} if "series" in item else None
+                    if sset is not None and not sset <= {e.series for e in entries}:
+                        c.error(f"{w}.series", f"unknown series {sorted(sset - {e.series for e in entries})}: "
+                                               f"series are {sorted({e.series for e in entries if e.series})}")
                     got = [e.id for e in entries if (bset is None or e.brain in bset) and (iset is None or e.index in iset)
-                           and (mset is None or e.modality in mset)]
+                           and (mset is None or e.modality in mset) and (sset is None or e.series in sset)]
                     if not got:
                         c.warn(w, "selects no section")
                     picked += got
@@ -913,6 +934,7 @@ class PhantomSectionProxy:
         self.id, self.modality, self.spacing_um = entry.id, entry.modality, entry.spacing_um
         self.section, self.field = entry.index, entry.field
         self.brain = entry.brain  # the brain id, as PhantomSection.brain
+        self.series = entry.series  # the series of its brain (None if the manifest names none)
 
     def build(self):
         "The phantom section itself (`PhantomBrain.section(...)`), built once."
@@ -981,7 +1003,7 @@ class Manifest:
         else:
             mask = ImageMask(open_image(e.mask["path"]), field=f"{e.field}.mask")
         return ImageSection(image, e.modality, e.spacing_um, e.affine, mask=mask, brain=e.brain, section=e.index,
-                            id=e.id, field=e.field, channel_names=e.channel_names)
+                            id=e.id, field=e.field, channel_names=e.channel_names, series=e.series)
 
     @property
     def sections(self) -> list:
@@ -1003,7 +1025,7 @@ class Manifest:
             return list(self.splits[split])
         if split in ("unseen_brain", "unseen_brains"):
             return [e.id for e in self.entries if e.brain in self.splits["unseen_brains"]]
-        raise ValueError(f"unknown split '{split}': expected one of {[*SPLITS, 'unseen_brain']}")
+        raise DataError(f"unknown split '{split}': expected one of {[*SPLITS, 'unseen_brain']}", file=self.path, field="split")
 
     def split(self, split: str, modality: str | None = None) -> list:
         "The sections of a split (optionally of one modality), in manifest order."
@@ -1040,6 +1062,32 @@ def sections_of_split(manifest, split: str, modality: str | None = None) -> list
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     return m.split(split, modality)
 
+
+def manifest_fingerprint(path) -> str:
+    """Content fingerprint of a manifest: its text, plus the content of every file it names without a checksum
+    (reference surfaces, masks without `sha256`); files with a `sha256` are covered by it."""
+    import hashlib
+    path = Path(path)
+    h = hashlib.sha256(path.read_bytes())
+    data = _read_yaml(path, _Checker())
+    if isinstance(data, dict):
+        root, extra = path.resolve().parent, []
+        ref = data.get("reference")
+        hemis = ref.get("hemispheres") if isinstance(ref, dict) else None
+        for files in (hemis.values() if isinstance(hemis, dict) else []):
+            extra += [root / str(v) for v in files.values()] if isinstance(files, dict) else []
+        for s in data.get("sections") or []:
+            if isinstance(s, dict):
+                if "path" in s and "sha256" not in s:
+                    extra.append(root / str(s["path"]))
+                m = s.get("mask")
+                if isinstance(m, dict) and "path" in m and "sha256" not in m:
+                    extra.append(root / str(m["path"]))
+        for p in sorted({str(p) for p in extra}):
+            h.update(f"{p}\t{path_fingerprint(p)}\n".encode())
+    return h.hexdigest()
+
+
 # %% ../nbs/02_sections.ipynb #bb547985
 _DTYPES = ("uint8", "uint16", "float32", "float64")
 
@@ -1060,13 +1108,13 @@ def _check_file_section(c: _Checker, man: Manifest, e: SectionEntry, checksums: 
     w = e.field
     if e.path is None or not e.path.exists():
         return
-    got = sha256_path(e.path) if checksums else e.sha256
+    got = path_fingerprint(e.path) if checksums else e.sha256
     if e.sha256 is None:
         c.error(f"{w}.sha256", "missing required field" + (f" (the file's is {got})" if checksums else ""))
     elif got != e.sha256:
         c.error(f"{w}.sha256", f"checksum mismatch: the manifest says {e.sha256}, the file has {got}")
     if checksums and e.mask and e.mask.get("path") is not None and e.mask["path"].exists() and e.mask.get("sha256"):
-        mg = sha256_path(e.mask["path"])
+        mg = path_fingerprint(e.mask["path"])
         if mg != e.mask["sha256"]:
             c.error(f"{w}.mask.sha256", f"checksum mismatch: the manifest says {e.mask['sha256']}, the file has {mg}")
     try:
@@ -1102,7 +1150,7 @@ def _check_file_section(c: _Checker, man: Manifest, e: SectionEntry, checksums: 
         c.error("reference", err.message)
         return
     if share is None:
-        c.warn(f"{w}.mask", "the cortex mask is empty: no patch can be sampled from this section")
+        c.error(f"{w}.mask", "the cortex mask is empty: no patch can be sampled from this section")
     elif share < 0.6:
         c.warn(f"{w}.transform", f"only {share:.0%} of the cortex mask maps within 4 mm of the reference cortex: "
                                  f"swapped axes, flipped rows or wrong units?")
@@ -1141,7 +1189,9 @@ def validate_manifest(path, deep: bool = True, checksums: bool = True) -> list[P
                 if e.brain not in spot_checked:  # the transform check renders a coarse mask: once per brain
                     spot_checked.add(e.brain)
                     share = _near_cortex(sec, man.reference)
-                    if share is None or share < 0.6:
+                    if share is None:
+                        c.error(e.field, f"phantom section {e.id}: its cortex mask is empty (the plane misses the cortex)")
+                    elif share < 0.6:
                         c.warn(e.field, f"phantom section {e.id}: only {share or 0:.0%} of its cortex mask maps near the reference cortex")
             except (DataError, TypeError, ValueError) as err:
                 if e.field.startswith("phantom_series") and e.field in failed:  # one message per series
@@ -1272,16 +1322,6 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
-def _generator_fingerprint(factory) -> str:
-    "SHA-256 of the source file that defines the phantom: resumed exports redo sections rendered by other code."
-    import hashlib
-    import inspect
-    try:
-        return hashlib.sha256(Path(inspect.getsourcefile(factory)).read_bytes()).hexdigest()
-    except (TypeError, OSError):
-        return "unknown"
-
-
 def _rm(p: Path):
     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -1290,7 +1330,7 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
                    seed: int = 0, chunk: int = 256, progress: bool = True, ref=None, brain_factory=None) -> Path:
     "Write phantom sections as OME-Zarr plus `data_manifest.yml` into `out` (atomic, resumable); return the manifest path."
     from tqdm import tqdm  # plain text bar: works in a shell and a notebook alike
-    from cytoclr.pipeline import write_json_atomic
+    from cytoclr.core import write_json_atomic  # noqa: F401 (core: every module may use it)
     out = Path(out)
     for k, v in (("--brains", brains), ("--sections", sections)):
         if int(v) < 1:
@@ -1309,7 +1349,7 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
     if state.get("params") != params:
         raise DataError(f"holds an export with other parameters {state.get('params')}; use another --out or delete it",
                         file=out, field="--out")
-    generator = _generator_fingerprint(brain_factory)
+    generator = source_fingerprint(inspect.getmodule(brain_factory))  # other phantom code: stale sections
     if state.get("generator") != generator:  # the phantom's code changed: what is on disk is stale
         state["generator"], state["done"] = generator, {}
     for t in sorted(out.rglob(".tmp-*")):  # leftovers of a killed export
@@ -1325,7 +1365,7 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
         sid, rel = f"{bid}/{mod}/{j:03d}", f"{bid}/{mod}_{j:03d}.ome.zarr"
         final = out / rel
         done = state["done"].get(rel)
-        if not (done and final.is_dir() and sha256_path(final) == done["sha256"]):
+        if not (done and final.is_dir() and path_fingerprint(final) == done["sha256"]):
             bar.set_postfix_str(sid)
             if bid not in cache:
                 cache = {bid: brain_factory(seed=bseed, ref=ref)}  # one brain in memory at a time
@@ -1334,7 +1374,7 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 write_section_zarr(sec, tmp, chunk=chunk, name=sid)
-                digest = sha256_path(tmp)
+                digest = path_fingerprint(tmp)
                 if final.exists():
                     _rm(final)
                 os.replace(tmp, final)

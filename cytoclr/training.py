@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import os
 import random
@@ -25,27 +27,30 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .losses import label_weights, spatial_nce_distributed, view_weights
-from .pipeline import DataError, atomic_path, parse_assignment, read_yaml_mapping, update_metrics
+from .core import (DataError, atomic_path, parse_assignment, read_yaml_mapping, source_fingerprint,
+                          update_metrics)
 
 # %% auto #0
-__all__ = ['METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'TrainConfig', 'euclidean_distances', 'make_weighting', 'lr_factor',
-           'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything', 'build_model', 'make_optimizer',
-           'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged', 'TrainResult',
-           'read_log', 'train', 'load_model', 'load_encoder', 'embed', 'DataConfig', 'CachedCrops', 'spread',
-           'load_training_samples', 'build_data', 'surface_distances', 'split_config', 'build_parser', 'main']
+__all__ = ['METHODS', 'MODALITIES', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig', 'make_weighting',
+           'lr_factor', 'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything', 'build_model',
+           'make_optimizer', 'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged',
+           'TrainResult', 'read_log', 'resume_mismatch', 'train', 'load_model', 'load_encoder', 'DataConfig',
+           'run_identity', 'spread', 'load_training_samples', 'build_data', 'surface_distances', 'split_config',
+           'build_parser', 'main']
 
 # %% ../nbs/07_training.ipynb #994889c2
 METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random")  # "random": an untrained, seeded encoder
+MODALITIES = ("nissl", "pli")
 
 
 @dataclass
 class TrainConfig:
-    "All parameters of one training run (one method); stored in every checkpoint."
+    "All parameters of one training run (one method, one modality); stored in every checkpoint."
     method: str = "geodesic"
+    modality: str = "nissl"  # what the encoder takes: Nissl (1 channel) or 3D-PLI (3 channels as stored)
     # model (cytoclr.models)
     arch: str = "quick"  # quick | resnet18 | resnet34 | resnet50
     width: float = 1.0  # channel multiplier of the encoder
-    in_channels: int = 1  # 1 Nissl, 3 PLI
     proj_hidden: int = 512  # projection head: encoder features -> hidden -> proj_dim
     proj_dim: int = 128
     # loss
@@ -53,7 +58,7 @@ class TrainConfig:
     sigma_mm: float = 5.0  # width of the spatial weights (geodesic, euclidean)
     weight_kind: str = "gaussian"  # gaussian | threshold (then sigma_mm is the radius)
     # optimisation
-    steps: int = 300
+    steps: int = 300  # also the horizon of the cosine schedule: changing it changes every step, so it is not resumable
     batch_size: int = 64  # locations per rank and step; images = batch_size * views
     views: int = 2  # views per location (simclr needs 2)
     lr: float = 2e-3  # peak learning rate (AdamW)
@@ -75,7 +80,9 @@ class TrainConfig:
             raise DataError(f"{msg}, got {getattr(self, name)!r}", field=name)
         if self.method not in METHODS:
             bad("method", f"method must be one of {METHODS}")
-        for name in ("steps", "batch_size", "views", "checkpoint_every", "log_every", "proj_hidden", "proj_dim", "in_channels"):
+        if self.modality not in MODALITIES:
+            bad("modality", f"modality must be one of {MODALITIES}")
+        for name in ("steps", "batch_size", "views", "checkpoint_every", "log_every", "proj_hidden", "proj_dim"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
@@ -85,13 +92,13 @@ class TrainConfig:
                 bad(name, "must be a non-negative integer")
         for name in ("tau", "sigma_mm", "lr", "width"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 bad(name, "must be a finite number > 0")
         for name in ("weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
                 bad(name, "must be a finite number >= 0")
-        if not (0 <= self.min_lr_ratio <= 1):
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
             bad("min_lr_ratio", "must lie in [0, 1]")
         if self.views > 2:
             bad("views", "must be 1 or 2")
@@ -117,51 +124,25 @@ class TrainConfig:
 
 
 # fields that may change between an interrupted run and its resumption without changing the result
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "num_workers")
+RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "device", "num_workers")
 
 # %% ../nbs/07_training.ipynb #a5550095
-def euclidean_distances(xyz: torch.Tensor, hemi: torch.Tensor) -> torch.Tensor:
-    "Straight-line distances (n, n) in mm between xyz (n, 3); inf across hemispheres."
-    xyz = xyz.to(torch.float64)
-    d = torch.cdist(xyz, xyz)  # (n, n)
-    return d.masked_fill(hemi[:, None] != hemi[None, :], math.inf)
-
-
-def _surface(distances, kind: str):
-    "The (hemi, vertex) -> (n, n) distance function of `distances` (a SurfaceDistances, or a plain function for geodesic)."
-    if hasattr(distances, "matrix"):
-        return lambda h, v: distances.matrix(h, v, kind)
-    if kind == "geodesic" and callable(distances):
-        return distances
-    return None
-
-
 def make_weighting(method: str, sigma_mm: float = 5.0, kind: str = "gaussian", distances=None):
     """(key names, weight_fn) of a method: the batch fields to gather and how they become (N, N) weights.
 
-    `distances`: a `cytoclr.geodesic.SurfaceDistances` (or, for "geodesic", a function
-    (hemi (N,), vertex (N,)) -> (N, N) mm). "euclidean" uses its straight-line distances between the
-    same surface points as "geodesic", so that the two differ only in the metric; without `distances`
-    it falls back to the straight line between the patch centres `xyz`.
-    """
-    from cytoclr.geodesic import geodesic_weights
+    `distances`: a `cytoclr.geodesic.SurfaceDistances`, needed by "geodesic" and "euclidean". "euclidean" uses
+    the straight line between the same surface points as "geodesic" (the same cutoff and hemisphere rules), so
+    that the two differ only in the metric. Spatial weights are built by `SurfaceDistances.weights`, which
+    evaluates the weight function only on the pairs within the cutoff (most pairs of a batch are farther)."""
+    if method in ("geodesic", "euclidean"):
+        if not (hasattr(distances, "weights") and hasattr(distances, "matrix")):
+            raise DataError(f"the {method} method needs surface distances (cytoclr.geodesic.SurfaceDistances)",
+                            field="distances")
 
-    def spatial(dist_fn):
-        def fn(hemi, vertex):
-            d = np.asarray(dist_fn(hemi.cpu().numpy(), vertex.cpu().numpy()), np.float32)  # (N, N) mm
-            return geodesic_weights(torch.from_numpy(d).to(hemi.device), sigma_mm, kind)
-        return ("hemi", "vertex"), fn
-
-    if method == "geodesic":
-        dist_fn = _surface(distances, "geodesic")
-        if dist_fn is None:
-            raise DataError("the geodesic method needs surface distances (cytoclr.geodesic.SurfaceDistances)", field="distances")
-        return spatial(dist_fn)
-    if method == "euclidean":
-        dist_fn = _surface(distances, "euclidean")
-        if dist_fn is not None:
-            return spatial(dist_fn)
-        return ("xyz", "hemi"), lambda xyz, hemi: geodesic_weights(euclidean_distances(xyz, hemi), sigma_mm, kind).float()
+        def spatial(hemi, vertex):  # (N,), (N,) -> (N, N) on their device
+            return distances.weights(hemi.cpu().numpy(), vertex.cpu().numpy(), sigma_mm, kind, metric=method,
+                                     device=hemi.device)
+        return ("hemi", "vertex"), spatial
     if method == "supcon":
         def fn(area):
             known = (area > 0).float()  # (N,) area 0 = no area: never a positive
@@ -273,7 +254,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     "Encoder + projection head of `cfg` (cytoclr.models), initialised from `cfg.seed`."
     from cytoclr.models import ContrastiveModel, ProjectionHead, build_encoder
     torch.manual_seed(cfg.seed)
-    enc = build_encoder(cfg.arch, in_channels=cfg.in_channels, width=cfg.width)
+    enc = build_encoder(cfg.arch, modality=cfg.modality, width=cfg.width)
     return ContrastiveModel(enc, ProjectionHead(enc.out_dim, cfg.proj_hidden, cfg.proj_dim))
 
 
@@ -288,12 +269,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
     return opt, sched
 
 
-def checkpoint_path(run_dir, method: str) -> Path:
-    return Path(run_dir) / "checkpoints" / method / "last.pt"
+def checkpoint_path(run_dir, modality: str, method: str) -> Path:
+    "run_dir/checkpoints/<modality>/<method>/last.pt (DESIGN.md section 4)."
+    return Path(run_dir) / "checkpoints" / modality / method / "last.pt"
 
 
-def log_dir(run_dir, method: str) -> Path:
-    return Path(run_dir) / "training" / method
+def log_dir(run_dir, modality: str, method: str) -> Path:
+    return Path(run_dir) / "training" / modality / method
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -306,7 +288,8 @@ def save_checkpoint(path, state: dict) -> Path:
 def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
-        raise DataError("checkpoint not found; train first (python -m cytoclr.training or chapter 7)", file=path)
+        raise DataError("checkpoint not found; train first (cytoclr train, or chapter 7: "
+                        "cytoclr run --only 07_training)", file=path)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -385,30 +368,50 @@ def _all_true(flag: bool, world: int, device) -> bool:
     return bool(t.item() == 0)
 
 
-def _check_resume(saved: dict, cfg: TrainConfig, path):
+def resume_mismatch(saved: dict, cfg: TrainConfig, identity: dict | None) -> tuple[str, str] | None:
+    """(field, what changed) between a checkpoint and the run that would resume it, or None if it may resume.
+
+    Compared: every `TrainConfig` field but `RESUMABLE_CHANGES`, and the run's `identity` (`run_identity`: the data
+    configuration, the data's fingerprint and the fingerprint of the code that shapes model, data and loss)."""
     now = cfg.to_dict()
-    for k, v in saved.items():
-        if k not in RESUMABLE_CHANGES and now.get(k) != v:
-            raise DataError(f"the checkpoint was trained with {k}={v!r}, the config says {now.get(k)!r}; "
-                            "resume with the same parameters, or pass resume=False (--no-resume) to start over",
-                            file=path, field=k)
+    for k in sorted(set(saved["config"]) | set(now)):
+        if k not in RESUMABLE_CHANGES and saved["config"].get(k) != now.get(k):
+            return k, f"{k} changed from {saved['config'].get(k)!r} to {now.get(k)!r}"
+    if identity is None:
+        return None
+    old = saved.get("identity") or {}
+    new_data, old_data = identity.get("data", {}), old.get("data", {})
+    for k in sorted(set(new_data) | set(old_data)):
+        if new_data.get(k) != old_data.get(k):
+            return k, f"{k} changed from {old_data.get(k)!r} to {new_data.get(k)!r}"
+    for k, what in (("data_fingerprint", "the data (the manifest's content, the phantom generator)"),
+                    ("code_fingerprint", f"the library code that shapes model, data and loss ({', '.join(CODE_MODULES)})")):
+        if identity.get(k) != old.get(k):
+            return k, f"{what} changed"
+    return None
 
 
 def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module | None = None,
           weighting=None, distances=None, resume: bool = True, progress: bool = True,
-          write_metrics: bool = True, meta: dict | None = None) -> TrainResult:
-    """Train `cfg.method` on `data`; checkpoints in run_dir/checkpoints/<method>/, logs in run_dir/training/<method>/.
+          write_metrics: bool = True, meta: dict | None = None, identity: dict | None = None,
+          origin: str = "book") -> TrainResult:
+    """Train `cfg.method` on `data`; checkpoints in run_dir/checkpoints/<modality>/<method>/, logs in
+    run_dir/training/<modality>/<method>/.
 
     `model` defaults to `build_model(cfg)`; `weighting` (key names, weight_fn) defaults to
     `make_weighting(cfg.method, cfg.sigma_mm, cfg.weight_kind, distances)`. Under torchrun (WORLD_SIZE > 1)
-    the process group is started here and `data` must be this rank's shard. `meta` (e.g. the data
-    configuration) is stored in the checkpoint for later chapters.
+    the process group is started here and `data` must be this rank's shard. `identity` (`run_identity`) and
+    `meta` are stored in the checkpoint. Resuming requires the same configuration and identity
+    (`resume_mismatch`); otherwise a checkpoint of the book (`origin="book"`) is retrained from step 0 with a
+    one-line message, and any other (`origin="cli"`: `cytoclr train`, torchrun) is refused, never overwritten.
     """
     from tqdm import tqdm  # plain text bars: they work in terminals, logs and notebooks without widgets
     cfg.validate()
+    if origin not in ("book", "cli"):
+        raise DataError(f"origin must be 'book' or 'cli', got {origin!r}", field="origin")
     rank, world = init_distributed(cfg.device)
     device = resolve_device(cfg.device, world)
-    ckpt, logs = checkpoint_path(run_dir, cfg.method), log_dir(run_dir, cfg.method)
+    ckpt, logs = checkpoint_path(run_dir, cfg.modality, cfg.method), log_dir(run_dir, cfg.modality, cfg.method)
     log_csv = logs / "log.csv"
     torch.manual_seed(cfg.seed)
     model = build_model(cfg) if model is None else model
@@ -417,9 +420,21 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
     step, epoch, pos, secs, imgs = 0, 0, 0, 0.0, 0
 
     seed_everything(cfg.seed + 1000 * rank)
-    if resume and ckpt.exists():
-        st = load_checkpoint(ckpt, map_location="cpu")  # RNG states must stay on the CPU; weights are copied over
-        _check_resume(st["config"], cfg, ckpt)
+    st = load_checkpoint(ckpt, map_location="cpu") if resume and ckpt.exists() else None  # RNG states stay on the CPU
+    why = resume_mismatch(st, cfg, identity) if st is not None else None
+    if why is not None:
+        field_, text = why
+        if origin == "book" and st.get("origin", "book") == "book":
+            if rank == 0:
+                print(f"{cfg.modality}/{cfg.method}: training again from step 0: {text}", flush=True)
+            st = None
+        elif st.get("origin", "book") != "book" and origin == "book":
+            raise DataError(f"{text}, and this checkpoint was trained outside the book (cytoclr train / torchrun): "
+                            "the book never overwrites it; move it away or use another run folder", file=ckpt, field=field_)
+        else:
+            raise DataError(f"the checkpoint cannot resume this run: {text}; resume with the same parameters, data and "
+                            "code, or pass --no-resume (resume=False) to start over", file=ckpt, field=field_)
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -447,12 +462,13 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
             save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "pos": pos,
                                    "seconds": secs, "images": imgs, "rng": rng, "config": cfg.to_dict(),
-                                   "world_size": world, "torch": torch.__version__, "meta": meta or {}})
+                                   "identity": identity or {}, "origin": origin, "world_size": world,
+                                   "torch": torch.__version__, "meta": meta or {}})
         if world > 1:
             dist.barrier()
 
     if cfg.method == "random":  # nothing to train: the seeded initialisation is the model
-        if not ckpt.exists() or not resume:
+        if st is None:
             save()
         return TrainResult("random", 0, float("nan"), float("nan"), ckpt, log_csv)
     if data is None or len(data) == 0:
@@ -533,8 +549,8 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
     final = float(np.mean([r["loss"] for r in rows[-cfg.log_every:]])) if rows else float(np.mean(recent))
     ips = imgs / secs if secs > 0 else float("nan")
     if rank == 0 and write_metrics:
-        update_metrics(run_dir, {"training": {cfg.method: {"final_loss": final, "images_per_second": ips,
-                                                           "steps": step, "world_size": world}}})
+        update_metrics(run_dir, {"training": {cfg.modality: {cfg.method: {
+            "final_loss": final, "images_per_second": ips, "steps": step, "world_size": world}}}})
     return TrainResult(cfg.method, step, final, ips, ckpt, log_csv, [(int(r["step"]), r["loss"]) for r in rows])
 
 
@@ -553,14 +569,16 @@ def _last_good(ckpt: Path) -> str:
     return f"the last good checkpoint (step {step}) is kept at {ckpt}"
 
 # %% ../nbs/07_training.ipynb #e5738fee
-def load_model(run_dir, method: str, device="cpu", build=None) -> nn.Module:
+def load_model(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:
     "The full model (encoder + head) of a method's last checkpoint, in eval mode on `device`."
     build = build or build_model
-    path = checkpoint_path(run_dir, method)
+    if modality not in MODALITIES:
+        raise DataError(f"modality must be one of {MODALITIES}, got {modality!r}", field="modality")
+    path = checkpoint_path(run_dir, modality, method)
     if method == "random" and not path.exists():
-        others = [checkpoint_path(run_dir, m) for m in METHODS[:4] if checkpoint_path(run_dir, m).exists()]
+        others = [checkpoint_path(run_dir, modality, m) for m in METHODS[:4] if checkpoint_path(run_dir, modality, m).exists()]
         if not others:
-            raise DataError("no checkpoint to take the architecture from; train a method first", file=path)
+            raise DataError(f"no {modality} checkpoint to take the architecture from; train a method first", file=path)
         cfg = TrainConfig.from_dict({**load_checkpoint(others[0])["config"], "method": "random"})
         return build(cfg).to(device).eval()
     st = load_checkpoint(path, map_location="cpu")
@@ -569,17 +587,9 @@ def load_model(run_dir, method: str, device="cpu", build=None) -> nn.Module:
     return model.to(device).eval()
 
 
-def load_encoder(run_dir, method: str, device="cpu", build=None) -> nn.Module:
+def load_encoder(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:
     "The encoder of a method (trained weights; seeded initialisation for 'random'), in eval mode on `device`."
-    return load_model(run_dir, method, device, build).encoder
-
-
-
-@torch.no_grad()
-def embed(encoder, images, device="cpu", batch: int = 256) -> np.ndarray:
-    "Backbone features (n, D), L2-normalised, of images (n, C, H, W) (numpy or tensor), in batches on `device`."
-    out = [encoder(torch.as_tensor(images[i:i + batch]).to(device)).float().cpu() for i in range(0, len(images), batch)]
-    return torch.nn.functional.normalize(torch.cat(out), dim=1).numpy()
+    return load_model(run_dir, method, modality, device, build).encoder
 
 # %% ../nbs/07_training.ipynb #bbb92867
 @dataclass
@@ -590,15 +600,15 @@ class DataConfig:
     modality: str = "nissl"
     n_samples: int = 4096  # locations sampled once from the split's sections
     sample_seed: int = 0
-    patch_px: int = 128  # 128 px at 32 um/px: a 4 mm field of view
+    patch_px: int = 64  # 64 px at 64 um/px: a 4 mm field of view
     neighbours: int = 7  # partners per seed location in a batch (0: uniform batches)
     radius_mm: float = 5.0  # neighbourhood radius along the surface
     neighbour_distance: str = "auto"  # geodesic (auto: when available) or euclidean neighbourhoods
-    level: int = 2  # cortex-mask level used for sampling
+    level: int | str = 2  # cortex-mask level used for sampling; "auto": the finest with at most 4 M mask cells
     max_sections: int = 0  # use only this many sections of the split, evenly spread (0: all)
     brains: list | None = None  # train on the split's sections of these brains only (None: every brain)
     augment: bool = True
-    cache: bool = True  # render each crop once and keep it in memory
+    cache: bool = True  # render each crop once and keep it in memory (off at paper scale: crops stream from disk)
 
     @classmethod
     def from_dict(cls, d: dict, file=None) -> "DataConfig":
@@ -609,40 +619,22 @@ class DataConfig:
         return cls(**d)
 
 
-class CachedCrops(torch.utils.data.Dataset):
-    """A `PatchDataset` whose augmentation crops are rendered once into memory (float16).
+CODE_MODULES = ("cytoclr.models", "cytoclr.sampling", "cytoclr.losses", "cytoclr.geodesic", "cytoclr.sections",
+                "cytoclr.reference", "cytoclr.training")  # the code that shapes model, data and loss
 
-    Items are identical (up to float16 rounding of the pixels) to those of the wrapped dataset:
-    the same per-(seed, epoch, index) generator draws the same augmentations."""
 
-    def __init__(self, ds, progress: bool = True):
-        from tqdm import tqdm
-        self.ds = ds
-        size = ds.augment.crop_px(ds.patch_px) if ds.augment is not None else ds.patch_px
-        s = ds.samples
-        from cytoclr.sampling import extract_patch
-        self.crops = np.stack([extract_patch(ds.sections[int(s.section[i])], s.rc[i], size).astype(np.float16)
-                               for i in tqdm(range(len(s)), desc="render crops", disable=not progress, file=sys.stderr,
-                                            mininterval=2.0)])
-
-    def set_epoch(self, epoch: int):
-        self.ds.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i) -> dict:
-        ds, s, i = self.ds, self.ds.samples, int(i)
-        crop = self.crops[i].astype(np.float32)  # (C, crop, crop)
-        if ds.augment is None:
-            img = np.stack([crop] * ds.views) if ds.views > 1 else crop
-        else:
-            rng = np.random.default_rng([ds.seed, ds.epoch, i])
-            v = [ds.augment(crop, ds.patch_px, rng) for _ in range(ds.views)]
-            img = np.stack(v) if ds.views > 1 else v[0]
-        return dict(image=torch.from_numpy(np.ascontiguousarray(img)), index=i,
-                    xyz=torch.from_numpy(s.xyz[i].astype(np.float32)), hemi=int(s.hemi[i]),
-                    vertex=int(s.vertex[i]), area=int(s.area[i]), section=int(s.section[i]))
+def run_identity(dcfg: DataConfig, manifest=None) -> dict:
+    """What decides a checkpoint's result besides `TrainConfig`: the data configuration (the manifest by content,
+    not by path), a fingerprint of the data (the manifest and the files it names; the phantom generator's code
+    when it has phantom brains) and of the library code in `CODE_MODULES`."""
+    from cytoclr.sections import load_manifest, manifest_fingerprint
+    man = manifest if manifest is not None else load_manifest(dcfg.manifest)
+    data = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "manifest"}
+    fp = {"manifest": manifest_fingerprint(man.path)}
+    if any(b.get("phantom") is not None for b in man.brains.values()):
+        fp["phantom"] = source_fingerprint("cytoclr.phantom")
+    return {"data": data, "data_fingerprint": hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest(),
+            "code_fingerprint": source_fingerprint(*CODE_MODULES)}
 
 
 def spread(items: list, k: int) -> list:
@@ -675,21 +667,26 @@ def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True
 
 
 def build_data(dcfg: DataConfig, cfg: TrainConfig, sections, samples, ref=None, rank: int = 0, world: int = 1,
-               dataset=None, progress: bool = True) -> BatchStream:
-    "This rank's `BatchStream`: a (cached) two-view `PatchDataset` and a `NeighbourhoodBatchSampler`."
+               dataset=None, distances=None, progress: bool = True) -> BatchStream:
+    """This rank's `BatchStream`: a two-view `PatchDataset` (crops cached in memory when `dcfg.cache`) and a
+    `NeighbourhoodBatchSampler`, whose neighbourhoods use `distances` (the loss's `SurfaceDistances`) when given."""
     from cytoclr.sampling import Augment, NeighbourhoodBatchSampler, PatchDataset
+    if dcfg.modality != cfg.modality:
+        raise DataError(f"the data are {dcfg.modality} patches but the encoder is for {cfg.modality}", field="modality")
     if dataset is None:
         aug = Augment(modality=dcfg.modality) if dcfg.augment else None
-        dataset = PatchDataset(sections, samples, dcfg.patch_px, views=cfg.views, augment=aug, seed=cfg.seed)
-        if dcfg.cache:
-            dataset = CachedCrops(dataset, progress=progress and rank == 0)
+        dataset = PatchDataset(sections, samples, dcfg.patch_px, views=cfg.views, augment=aug, seed=cfg.seed,
+                               cache=dcfg.cache, progress=progress and rank == 0)
+    nd = dcfg.neighbour_distance
+    if distances is not None and nd in ("auto", "geodesic"):
+        nd = distances  # one table for the sampler and the loss
     sampler = NeighbourhoodBatchSampler(samples, cfg.batch_size, k=dcfg.neighbours, radius_mm=dcfg.radius_mm,
-                                        distance=dcfg.neighbour_distance, seed=cfg.seed, rank=rank, world_size=world, ref=ref)
+                                        distance=nd, seed=cfg.seed, rank=rank, world_size=world, ref=ref)
     return BatchStream(dataset, sampler, num_workers=cfg.num_workers, pin_memory=str(cfg.device).startswith("cuda"))
 
 
 def surface_distances(ref, cutoff_mm: float = 30.0, progress: bool = True):
-    "Chapter 4's `SurfaceDistances` of `ref` (geodesic tables cached on disk; built on first use)."
+    "Chapter 4's `SurfaceDistances` of `ref` (geodesic tables cached on disk, built on first use, loaded once per process)."
     from cytoclr.geodesic import SurfaceDistances
     return SurfaceDistances(ref, cutoff_mm=cutoff_mm, progress=progress)
 
@@ -707,15 +704,19 @@ def split_config(d: dict, file=None) -> tuple[list, TrainConfig, DataConfig]:
     for m in methods:
         if m not in METHODS:
             raise DataError(f"unknown method '{m}': expected some of {METHODS}", file=file, field="methods")
-    tcfg = TrainConfig.from_dict({k: v for k, v in d.items() if k in tnames}, file=file)
+    tcfg = TrainConfig.from_dict({k: v for k, v in d.items() if k in tnames}, file=file)  # `modality` goes to both
     dcfg = DataConfig.from_dict({k: v for k, v in d.items() if k in dnames}, file=file)
     return methods, tcfg, dcfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cytoclr.training",
-                                description="Train cytoclr encoders (geodesic, euclidean, supcon, simclr, random); "
-                                            "run it under torchrun for DDP. Resumes from run_dir/checkpoints/<method>/last.pt.")
+def build_parser(prog: str = "python -m cytoclr.training") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Train cytoclr encoders (geodesic, euclidean, supcon, simclr, random) of one "
+                                            "modality; run it under torchrun for DDP. Resumes from "
+                                            "run_dir/checkpoints/<modality>/<method>/last.pt when the configuration, "
+                                            "data and code are unchanged, and refuses otherwise (--no-resume starts "
+                                            "over). Every TrainConfig and DataConfig field can be set in --config or "
+                                            "with -p NAME=VALUE (e.g. -p modality=pli -p patch_px=2048).")
     p.add_argument("--config", help="YAML file of TrainConfig and DataConfig fields, and optionally `methods: [...]`")
     p.add_argument("--run-dir", default="runs/train", help="run folder (checkpoints/, training/, metrics.json)")
     p.add_argument("--methods", nargs="+", help=f"methods to train, some of {METHODS} (overrides the config)")
@@ -725,9 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    "Entry point of `python -m cytoclr.training` (and of every torchrun process)."
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
+    "Entry point of `python -m cytoclr.training` / `cytoclr train` (and of every torchrun process)."
+    args = build_parser(prog).parse_args(argv)
     try:
         d = {}
         if args.config:
@@ -737,16 +738,21 @@ def main(argv=None) -> int:
             d["methods"] = args.methods
         methods, tcfg, dcfg = split_config(d, file=args.config)
         rank, world = init_distributed(tcfg.device)
-        sections = samples = ref = data = distances = None
+        show = not args.no_progress and rank == 0
+        from cytoclr.sections import load_manifest
+        man = load_manifest(dcfg.manifest)
+        identity = run_identity(dcfg, man)
+        data = distances = None
         for method in methods:
             cfg = dataclasses.replace(tcfg, method=method).validate()
+            if method in ("geodesic", "euclidean") and distances is None:
+                distances = surface_distances(man.reference, progress=show)
             if method != "random" and data is None:
-                sections, samples, ref = load_training_samples(dcfg, progress=not args.no_progress and rank == 0)
-                data = build_data(dcfg, cfg, sections, samples, ref, rank, world, progress=not args.no_progress)
-            if distances is None and method in ("geodesic", "euclidean"):
-                distances = surface_distances(ref, progress=not args.no_progress and rank == 0)
+                sections, samples, ref = load_training_samples(dcfg, man, progress=show)
+                data = build_data(dcfg, cfg, sections, samples, ref, rank, world, distances=distances, progress=show)
             res = train(cfg, data, args.run_dir, distances=distances, resume=not args.no_resume,
-                        progress=not args.no_progress, meta={"data": dataclasses.asdict(dcfg)})
+                        progress=not args.no_progress, meta={"data": dataclasses.asdict(dcfg)}, identity=identity,
+                        origin="cli")
             if rank == 0 and method == "random":
                 print(f"random: the seeded, untrained encoder, checkpoint {res.checkpoint}")
             elif rank == 0:

@@ -7,8 +7,8 @@ from scipy.spatial.distance import cdist
 
 from cytoclr import geodesic as G
 from cytoclr.geodesic import (SurfaceDistances, check_surface, effective_positives, geodesic_table, geodesic_weights,
-                              pairwise_straight_line, restrict_table, surface_graph, table_submatrix)
-from cytoclr.pipeline import DataError
+                              restrict_table, surface_graph, table_submatrix)
+from cytoclr.core import DataError
 from cytoclr.reference import ReferenceBrain
 
 
@@ -330,10 +330,10 @@ def test_effective_positives_excludes_the_diagonal(rng):
     assert np.allclose(effective_positives(torch.tensor(w)).numpy(), expect)
 
 
-def test_pairwise_straight_line_numpy_and_torch(rng):
-    x = rng.normal(size=(9, 3))
-    assert np.allclose(pairwise_straight_line(x), cdist(x, x))
-    assert np.allclose(pairwise_straight_line(torch.tensor(x)).numpy(), cdist(x, x), atol=1e-6)
+def test_one_table_per_process(two_planes):
+    "Every SurfaceDistances of a process (the batch sampler's, the loss's) shares one copy of a table."
+    a, b = SurfaceDistances(two_planes, 3.0, progress=False), SurfaceDistances(two_planes, 3.0, progress=False)
+    assert a.table(0) is b.table(0)
 
 
 # ---------------------------------------------------------------- batches on a reference

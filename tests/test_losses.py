@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cytoclr.losses import clip_loss, label_weights, spatial_nce, view_weights
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError
 
 
 def slow_spatial_nce(z, w, tau):

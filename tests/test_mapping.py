@@ -6,7 +6,7 @@ import pytest
 
 from cytoclr.mapping import (chance_scores, classification_scores, evaluate_mapping, knn_predict, linear_probe,
                              load_frozen_encoder)
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError
 
 
 def _clusters(rng, n_classes=4, per=40, d=12, spread=5.0):
@@ -162,3 +162,37 @@ def test_select_c_rejects_bad_grids(rng, grid):
     with pytest.raises(DataError) as e:
         select_c(x, y, grid)
     assert e.value.field == "C"
+
+
+def test_bootstrap_intervals_against_a_slow_reference(rng):
+    "bootstrap_scores: sections drawn with replacement; compare with sklearn on the same draws, replicate by replicate."
+    from sklearn.metrics import accuracy_score, f1_score
+    from cytoclr.mapping import bootstrap_scores
+    q = 300
+    groups = rng.integers(0, 6, q)
+    yt = rng.choice(list("abcd"), q)
+    yp = np.where(rng.random(q) < 0.6, yt, rng.choice(list("abcde"), q))
+    got = bootstrap_scores(yt, yp, groups, n_boot=200, seed=3)
+    ug, gi = np.unique(groups, return_inverse=True)
+    draws = np.random.default_rng(3).integers(0, len(ug), (200, len(ug)))
+    acc, f1 = [], []
+    for d in draws:  # slow: rebuild each replicate's data set and ask sklearn
+        idx = np.concatenate([np.flatnonzero(gi == j) for j in d])
+        acc.append(accuracy_score(yt[idx], yp[idx]))
+        f1.append(f1_score(yt[idx], yp[idx], average="macro", zero_division=0))
+    np.testing.assert_allclose(got["accuracy"], np.quantile(acc, [0.025, 0.975]), atol=1e-12)
+    np.testing.assert_allclose(got["macro_f1"], np.quantile(f1, [0.025, 0.975]), atol=1e-12)
+    point = accuracy_score(yt, yp)
+    assert got["accuracy"][0] <= point <= got["accuracy"][1]
+    one = bootstrap_scores(yt, yp, np.zeros(q), n_boot=50)  # one group: no spread
+    assert one["accuracy"][0] == pytest.approx(one["accuracy"][1]) == pytest.approx(point)
+    with pytest.raises(DataError, match="one length"):
+        bootstrap_scores(yt, yp[:-1], groups)
+    with pytest.raises(DataError):
+        bootstrap_scores(yt, yp, groups, n_boot=0)
+
+
+def test_atlas_baseline_scores_the_lookup():
+    from cytoclr.mapping import atlas_scores
+    s = atlas_scores(np.array(["V1", "V1", "4", "4"]), np.array(["V1", "V2", "4", "4"]))
+    assert s["accuracy"] == 0.75 and s["n"] == 4

@@ -5,7 +5,7 @@ from scipy import stats
 
 from cytoclr.phantom import (AREA_TYPES, POISSON_MU_BINS, POISSON_U_BINS, PhantomBrain, _pli, _poisson, area_base_name,
                              area_type_index, area_type_of, depth_profile, hash_uniform, laminar_profile, poisson_table)
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError
 
 
 @pytest.fixture(scope="module")

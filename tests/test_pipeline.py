@@ -7,8 +7,9 @@ import nbformat
 import pytest
 import yaml
 
-from cytoclr.pipeline import (DataError, PipelineError, atomic_path, declared_parameters, list_chapters,
-                              load_profile, run_pipeline, toc_chapters, update_metrics)
+from cytoclr.core import DataError, PipelineError, atomic_path, update_metrics
+from cytoclr.pipeline import (declared_parameters, list_chapters,
+                              load_profile, run_pipeline, toc_chapters)
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / "nbs"
@@ -169,3 +170,105 @@ def test_papermill_parses_every_parameter():
         src = "\n".join(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         assigned = {m.group(1) for m in re.finditer(r"^(\w+)\s*(?::[^=\n]*)?=", src, re.M)}
         assert assigned == set(declared_parameters(nb_path)), f"{nb_path.name}: papermill misses {assigned - set(declared_parameters(nb_path))}"
+
+
+# --- issue 10: the cache key sees contents; a folder remembers its parameters; nothing stale survives ----------
+
+def test_editing_the_manifest_reruns_the_chapters_that_read_it(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _nb(nbs / "00_x.ipynb", 'run_dir = "x"', "1")
+    _nb(nbs / "01_a.ipynb", 'run_dir = "x"\nmanifest = "m.yml"', "from pathlib import Path\nPath(run_dir, 'a.txt').write_text(Path(manifest).read_text())")
+    _nb(nbs / "02_b.ipynb", 'run_dir = "x"', "2")
+    man = tmp_path / "m.yml"
+    man.write_text("brains:\n  - {id: p0, phantom: {seed: 0}}\n")
+    prof = tmp_path / "p.yml"
+    prof.write_text(f"manifest: {man}\n")
+    out = tmp_path / "run"
+    assert run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)["ran"] == ["00_x", "01_a", "02_b"]
+    assert run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)["ran"] == []
+    man.write_text("brains:\n  - {id: p0, phantom: {seed: 0}, description: the first brain}\n")  # same name, new content
+    assert run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)["ran"] == ["01_a", "02_b"]
+    assert "the first brain" in (out / "a.txt").read_text()
+    assert run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)["ran"] == []
+
+
+def test_a_file_named_by_the_manifest_without_checksum_is_part_of_the_key(tmp_path):
+    from cytoclr.sections import manifest_fingerprint
+    (tmp_path / "mask.png").write_bytes(b"one")
+    man = tmp_path / "m.yml"
+    man.write_text("sections:\n  - {path: a.png, sha256: " + "0" * 64 + ", mask: {path: mask.png}}\n")
+    f1 = manifest_fingerprint(man)
+    (tmp_path / "mask.png").write_bytes(b"two")
+    assert manifest_fingerprint(man) != f1
+
+
+def test_profile_paths_resolve_relative_to_the_working_folder(tiny_book, tmp_path, monkeypatch):
+    nbs, _ = tiny_book
+    _nb(nbs / "02_c.ipynb", 'run_dir = "x"\nmanifest = "none.yml"', "from pathlib import Path\nPath(run_dir, 'c.txt').write_text(manifest)")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "m.yml").write_text("{}\n")
+    prof = tmp_path / "work" / "p.yml"
+    prof.write_text("manifest: m.yml\n")
+    monkeypatch.chdir(tmp_path / "work")
+    run_pipeline(str(prof), tmp_path / "run", nbs_dir=nbs, progress=False)
+    assert (tmp_path / "run" / "c.txt").read_text() == str((tmp_path / "work" / "m.yml").resolve())
+
+
+def test_a_run_folder_remembers_its_overrides_until_reset(tiny_book, tmp_path, capsys):
+    nbs, prof = tiny_book
+    out = tmp_path / "run"
+    run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)
+    assert (out / "b.txt").read_text() == "10"
+    assert run_pipeline(str(prof), out, overrides={"factor": 3}, only="01_b", nbs_dir=nbs, progress=False)["ran"] == ["01_b"]
+    assert (out / "b.txt").read_text() == "15"
+    capsys.readouterr()
+    r = run_pipeline(None, out, nbs_dir=nbs, progress=False)  # no profile, no -p: the folder's own
+    assert r["ran"] == [] and (out / "b.txt").read_text() == "15"
+    assert "factor=3" in capsys.readouterr().err
+    with pytest.raises(DataError, match="declared by no chapter"):  # reset forgets the folder's profile too: quick
+        run_pipeline(None, out, nbs_dir=nbs, progress=False, reset=True)
+    r = run_pipeline(str(prof), out, nbs_dir=nbs, progress=False, reset=True)
+    assert r["ran"] == ["01_b"] and (out / "b.txt").read_text() == "10"
+
+
+def test_failure_message_repeats_the_users_overrides(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    _nb(nbs / "02_c.ipynb", 'run_dir = "x"\nfactor = 1', "raise ValueError('boom')")
+    with pytest.raises(PipelineError) as e:
+        run_pipeline(str(prof), tmp_path / "run", overrides={"factor": 7}, nbs_dir=nbs, progress=False)
+    assert "-p factor=7" in str(e.value) and "--only 02_c" in str(e.value) and str(prof) in str(e.value)
+
+
+def test_metrics_record_provenance(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    run_pipeline(str(prof), tmp_path / "run", nbs_dir=nbs, progress=False)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"commit", "packages", "seed", "python"} <= set(m["provenance"]) and "numpy" in m["provenance"]["packages"]
+
+
+def test_a_rerun_chapter_replaces_its_metrics_and_figures(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    body = ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+            "from cytoclr.core import update_metrics, save_figure\n"
+            "for m in methods:\n    update_metrics(run_dir, {'scores': {m: 1.0}})\n    save_figure(plt.figure(), run_dir, f'fig_{m}')\n")
+    _nb(nbs / "00_a.ipynb", 'run_dir = "x"\nmethods = ["a", "b"]', body)
+    _nb(nbs / "01_z.ipynb", 'run_dir = "x"', "from cytoclr.core import update_metrics\nupdate_metrics(run_dir, {'scores': {'z': 2.0}})")
+    prof = tmp_path / "p.yml"
+    prof.write_text("{}\n")
+    out = tmp_path / "run"
+    run_pipeline(str(prof), out, nbs_dir=nbs, progress=False)
+    assert json.loads((out / "metrics.json").read_text())["scores"] == {"a": 1.0, "b": 1.0, "z": 2.0}
+    run_pipeline(str(prof), out, overrides={"methods": ["a"]}, only="00_a", nbs_dir=nbs, progress=False)
+    assert json.loads((out / "metrics.json").read_text())["scores"] == {"a": 1.0, "z": 2.0}
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["fig_a.png"]
+
+
+def test_no_kernel_warning_reaches_the_terminal(tiny_book, tmp_path):
+    nbs, prof = tiny_book
+    cmd = [sys.executable, "-m", "cytoclr", "run", "--profile", str(prof), "--out", str(tmp_path / "r"), "--nbs", str(nbs)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "without encryption" not in r.stderr and "WARNING" not in r.stderr
+    assert "00_a: done" in r.stderr and "01_b: done" in r.stderr

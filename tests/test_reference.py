@@ -2,7 +2,7 @@ import numpy as np
 import nibabel as nib
 import pytest
 
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError
 from cytoclr.reference import (ReferenceBrain, check_mesh, load_gifti_reference, load_reference,
                                plane_contours, read_gifti_surface)
 
@@ -84,8 +84,11 @@ def test_locate_chunking_is_consistent(ref, rng):
     for f in ("hemi", "vertex", "area", "inside"):
         assert np.array_equal(getattr(a, f), getattr(b, f))
     assert ref.locate(np.zeros((0, 3))).inside.shape == (0,)
-    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+    with pytest.raises(DataError, match=r"\(n, 3\)") as e:
         ref.locate(np.zeros((4, 2)))
+    assert type(e.value) is DataError and e.value.field == "xyz"
+    with pytest.raises(DataError, match=r"\(n, 3\)"):
+        ref.white_matter(np.zeros(3))
 
 
 def test_plane_contours_on_a_tetrahedron():

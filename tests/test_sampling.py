@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError
 from cytoclr.reference import Location
 from cytoclr.sampling import (Augment, NeighbourhoodBatchSampler, PatchDataset, Samples, extract_patch,
-                              pairwise_distances, positives_per_sample, sample_locations)
+                              pairwise_distances, sample_locations)
 
 
 class FakeSection:
@@ -277,10 +277,12 @@ def test_dataset_items_and_determinism(fake_ref):
 def test_dataloader_workers_match_main_process(fake_ref):
     secs, s = _small(fake_ref, channels=3, modality="pli")
     ds = PatchDataset(secs, s, 24, views=2, augment=Augment("pli"), seed=2)
-    main = torch.stack([ds[i]["image"] for i in range(8)])
+    main = torch.stack([d["image"] for b in (range(4), range(4, 8)) for d in ds.__getitems__(b)])
     dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
     got = torch.cat([b["image"] for b in dl])[:8]
-    assert torch.equal(main, got) and got.shape == (8, 2, 3, 24, 24)
+    assert torch.equal(main, got) and got.shape == (8, 2, 3, 24, 24)  # workers give the main process's batches
+    items = torch.stack([ds[i]["image"] for i in range(8)])
+    assert torch.allclose(items[:, :, :2], got[:, :, :2], atol=1e-4)  # ... which are the items, batched
 
 
 def test_dataset_bad_input(fake_ref):
@@ -314,8 +316,8 @@ def test_neighbourhood_batches_have_close_pairs(rng):
     expect = np.minimum(k, ((np.linalg.norm(s.xyz[seeds][:, None] - s.xyz[None], axis=2) < r)
                             & (s.hemi[seeds][:, None] == s.hemi[None])).sum(1) - 1)
     assert (close_n >= expect).all()
-    pn = positives_per_sample(d)["close"].mean()
-    pu = positives_per_sample(pairwise_distances(s, ub, "euclidean"))["close"].mean()
+    close = lambda m: ((m < 5.0).sum(1) - 1).mean()  # partners closer than 5 mm per sample
+    pn, pu = close(d), close(pairwise_distances(s, ub, "euclidean"))
     assert pn > 4 * max(pu, 0.5)
 
 
@@ -343,11 +345,15 @@ def test_sampler_with_dataloader(fake_ref):
     assert len(batches) == 3 and batches[0]["image"].shape == (16, 1, 16, 16)
 
 
-def test_positives_formula():
-    d = np.array([[0, 1, np.inf], [1, 0, 10], [np.inf, 10, 0]])
-    p = positives_per_sample(d, sigma_mm=5, close_mm=5)
-    np.testing.assert_allclose(p["effective"], [math.exp(-1 / 50), math.exp(-1 / 50) + math.exp(-2), math.exp(-2)])
-    np.testing.assert_array_equal(p["close"], [1, 1, 0])
+def test_straight_line_against_the_formula(rng):
+    from cytoclr.sampling import straight_line
+    a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
+    ha, hb = rng.integers(0, 2, 7), rng.integers(0, 2, 5)
+    slow = np.array([[np.sqrt(((a[i] - b[j]) ** 2).sum()) if ha[i] == hb[j] else np.inf for j in range(5)] for i in range(7)])
+    np.testing.assert_allclose(straight_line(a, b, ha, hb), slow)
+    np.testing.assert_allclose(straight_line(torch.tensor(a), torch.tensor(b), ha, hb).numpy(), slow)
+    np.testing.assert_allclose(straight_line(a[:5], b, ha[:5], hb, pairs=True), np.diag(slow[:5]))
+    np.testing.assert_allclose(straight_line(a), np.linalg.norm(a[:, None] - a[None], axis=-1))
 
 
 def test_sampler_bad_input(rng):
@@ -453,3 +459,40 @@ def test_pli_augment_matches_phantom_rendered_turned(phantom_pli, rotation_deg, 
         key = min(errs, key=lambda k: errs[k][0])  # the transform that matches the transmittance image ...
         best.append(errs[key][1])  # ... must also match the direction channel
     assert np.median(best) < 12.0, best
+
+
+@pytest.mark.parametrize("modality", ["nissl", "pli"])
+def test_batched_augmentation_equals_the_reference(modality, rng):
+    "Augment.apply_batch (one pass for a batch) gives what Augment.apply gives view by view."
+    aug = Augment(modality, blur=1.2)
+    size = 24
+    h = aug.crop_px(size)
+    c = 1 if modality == "nissl" else 3
+    crops = rng.random((9, c, h, h)).astype(np.float32)
+    if modality == "pli":
+        crops[:, 2] *= 180.0
+    params = [aug.draw(rng) for _ in range(9)]
+    params[0].update(theta=90.0, flip=True)  # the exact rot90 path of the reference
+    params[1].update(sigma=0.0)
+    ref = np.stack([aug.apply(crops[i], size, **params[i]) for i in range(9)])
+    got = aug.apply_batch(torch.from_numpy(crops), size, **{k: [p[k] for p in params] for k in params[0]}).numpy()
+    if modality == "pli":  # directions are angles mod 180: compare on the circle
+        dd = np.abs(got[:, 2] - ref[:, 2])
+        assert np.minimum(dd, 180 - dd).max() < 1e-2
+        got, ref = got[:, :2], ref[:, :2]
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def test_dataset_batches_equal_items_and_cache(fake_ref):
+    secs, s = _small(fake_ref, n=40)
+    a = PatchDataset(secs, s, 16, views=2, augment=Augment("nissl"), seed=1)
+    b = PatchDataset(secs, s, 16, views=2, augment=Augment("nissl"), seed=1, cache=True, progress=False)
+    assert b.crops.dtype == np.float16 and b.crops.shape == (40, 1, a.crop_px, a.crop_px)
+    items = torch.stack([a[i]["image"] for i in range(10)])
+    batch = torch.stack([d["image"] for d in b.__getitems__(range(10))])
+    assert batch.shape == (10, 2, 1, 16, 16)
+    np.testing.assert_allclose(batch.numpy(), items.numpy(), atol=2e-3)  # float16 crops
+    np.testing.assert_allclose(b.patch(3), a.patch(3), atol=2e-3)
+    dl = torch.utils.data.DataLoader(b, batch_sampler=[[0, 1, 2], [3, 4]])
+    got = [x["image"].shape for x in dl]  # a DataLoader calls __getitems__ and collates as usual
+    assert got == [(3, 2, 1, 16, 16), (2, 2, 1, 16, 16)]

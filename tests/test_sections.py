@@ -2,6 +2,8 @@
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,10 +15,10 @@ import yaml
 import zarr
 from PIL import Image
 
-from cytoclr.pipeline import DataError
+from cytoclr.core import DataError, path_fingerprint
 from cytoclr.sections import (FILL, ImageMask, ImageSection, PolygonMask, TiffReader, ZarrReader, check_affine,
                               check_manifest_cli, default_splits, export_phantom, from_reference, load_manifest,
-                              mask_shape, open_image, phantom_y_positions, sections_of_split, sha256_path, to_reference,
+                              mask_shape, open_image, phantom_y_positions, sections_of_split, to_reference,
                               validate_manifest, write_section_zarr)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,13 +367,13 @@ def _good_manifest(tmp_path, ref):
         "reference": {"name": "hcp-s1200"},
         "brains": [{"id": "lab-1"}, {"id": "lab-2", "description": "the held-out brain"}],
         "sections": [
-            {"id": "lab-1/a", "brain": "lab-1", "path": "data/a.ome.zarr", "sha256": sha256_path(d / "a.ome.zarr"),
+            {"id": "lab-1/a", "brain": "lab-1", "path": "data/a.ome.zarr", "sha256": path_fingerprint(d / "a.ome.zarr"),
              "modality": "nissl", "spacing_um": 2000.0, "transform": {"affine": aff}, "index": 1},
-            {"id": "lab-1/b", "brain": "lab-1", "path": "data/b.tif", "sha256": sha256_path(d / "b.tif"),
+            {"id": "lab-1/b", "brain": "lab-1", "path": "data/b.tif", "sha256": path_fingerprint(d / "b.tif"),
              "modality": "pli", "spacing_um": 2000.0, "transform": {"affine": aff}},
-            {"id": "lab-2/c", "brain": "lab-2", "path": "data/c.png", "sha256": sha256_path(d / "c.png"),
+            {"id": "lab-2/c", "brain": "lab-2", "path": "data/c.png", "sha256": path_fingerprint(d / "c.png"),
              "modality": "nissl", "spacing_um": 2000.0, "transform": {"affine": aff},
-             "mask": {"path": "data/c_mask.png", "sha256": sha256_path(d / "c_mask.png")}},
+             "mask": {"path": "data/c_mask.png", "sha256": path_fingerprint(d / "c_mask.png")}},
         ],
         "splits": {"train": ["lab-1/a"], "test": {"brains": "lab-1", "modality": "pli"}, "unseen_brains": ["lab-2"]},
     }
@@ -418,19 +420,19 @@ def _break(kind, man, tmp_path):
         return "sections[2].sha256", "checksum mismatch"
     if kind == "corrupt_image":
         (tmp_path / "data" / "b.tif").write_bytes(b"II*\0" + b"\x13" * 64)
-        s[1]["sha256"] = sha256_path(tmp_path / "data" / "b.tif")
+        s[1]["sha256"] = path_fingerprint(tmp_path / "data" / "b.tif")
         return "sections[1].path", "unreadable image"
     if kind == "corrupt_chunk":
         chunk = sorted(q for q in (tmp_path / "data" / "a.ome.zarr" / "0" / "c").rglob("*") if q.is_file())[0]
         chunk.write_bytes(b"garbage")
-        s[0]["sha256"] = sha256_path(tmp_path / "data" / "a.ome.zarr")
+        s[0]["sha256"] = path_fingerprint(tmp_path / "data" / "a.ome.zarr")
         return "sections[0].path", "corrupt image"
     if kind == "channels":
         s[2]["modality"] = "pli"
         return "sections[2].path", "pli needs 3 channel(s), the image has 1"
     if kind == "dtype":
         nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int64), np.eye(4), dtype=np.int64), tmp_path / "data" / "d.nii")
-        s[0]["path"], s[0]["sha256"] = "data/d.nii", sha256_path(tmp_path / "data" / "d.nii")
+        s[0]["path"], s[0]["sha256"] = "data/d.nii", path_fingerprint(tmp_path / "data" / "d.nii")
         return "sections[0].path", "pixel type int64 is not supported"
     if kind == "spacing":
         s[1]["spacing_um"] = -1
@@ -456,6 +458,10 @@ def _break(kind, man, tmp_path):
     if kind == "bad_modality":
         s[0]["modality"] = "nisl"
         return "sections[0].modality", "must be one of"
+    if kind == "empty_mask":
+        Image.fromarray(np.zeros((64, 80), np.uint8)).save(tmp_path / "data" / "c_mask.png")
+        s[2]["mask"]["sha256"] = path_fingerprint(tmp_path / "data" / "c_mask.png")
+        return "sections[2].mask", "the cortex mask is empty"
     if kind == "displacement":
         s[0]["transform"]["displacement"] = "warp.nii"
         return "sections[0].transform.displacement", "not supported yet"
@@ -464,7 +470,7 @@ def _break(kind, man, tmp_path):
 
 BROKEN = ["missing_field", "unknown_field", "missing_file", "checksum", "corrupt_image", "corrupt_chunk", "channels",
           "dtype", "spacing", "degenerate", "unknown_brain", "brain_in_two_splits", "section_in_two_splits",
-          "duplicate_id", "unknown_split", "bad_modality", "displacement"]
+          "duplicate_id", "unknown_split", "bad_modality", "displacement", "empty_mask"]
 
 
 @pytest.mark.parametrize("kind", BROKEN)
@@ -479,7 +485,7 @@ def test_data_check_reports_broken_manifests(kind, tmp_path, ref, capsys):
     assert "Traceback" not in out.out + out.err
     lines = [ln for ln in out.out.splitlines() if ln.startswith("error: ")]
     assert any(ln.startswith(f"error: {field}: ") and phrase in ln for ln in lines), out.out
-    if kind not in ("checksum", "corrupt_image", "corrupt_chunk", "channels", "dtype"):  # deep checks: `data check` only
+    if kind not in ("checksum", "corrupt_image", "corrupt_chunk", "channels", "dtype", "empty_mask"):  # deep checks: `data check` only
         with pytest.raises(DataError, match=field.replace("[", r"\[").replace("]", r"\]")):
             load_manifest(p)
 
@@ -674,3 +680,52 @@ def test_phantom_manifest_check(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "error: phantom_series[0]: phantom section p/nissl/001: " in out and "misses the brain" in out
     assert "error: phantom_series[0].brains[1]: brain 'q' is not a phantom brain" in out
+
+
+def test_corrupt_tiff_prints_only_our_message(tmp_path, ref):
+    "tifffile logs warnings of its own about a broken file; the user sees one line of ours, nothing else."
+    man = _good_manifest(tmp_path, ref)
+    _break("corrupt_image", man, tmp_path)
+    p = _write(tmp_path, man)
+    r = subprocess.run([sys.executable, "-m", "cytoclr", "data", "check", str(p)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr == "", r.stderr  # no logger lines
+    bad = [ln for ln in r.stdout.splitlines() if "b.tif" in ln or "sections[1]" in ln]
+    assert len(bad) == 1 and bad[0].startswith("error: sections[1].path: unreadable image"), r.stdout
+
+
+def test_jpeg_tiled_pyramidal_tiff_as_scanners_write_it(tmp_path, ref, capsys):
+    "A JPEG-compressed tiled pyramid (as slide scanners write it) reads like tifffile itself decodes it."
+    from cytoclr.cli import main
+    man = _good_manifest(tmp_path, ref)
+    img = np.asarray(Image.open(tmp_path / "data" / "c.png"))  # (64, 80) uint8
+    big = np.kron(img, np.ones((8, 8), np.uint8))  # (512, 640): a pyramid of three levels
+    levels = [big, big[::2, ::2].copy(), big[::4, ::4].copy()]
+    path = tmp_path / "data" / "scan.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(levels[0], tile=(128, 128), subifds=2, compression="jpeg", photometric="minisblack")
+        for lv in levels[1:]:
+            tif.write(lv, tile=(128, 128), subfiletype=1, compression="jpeg", photometric="minisblack")
+    with tifffile.TiffFile(path) as t:
+        assert t.pages[0].compression == tifffile.COMPRESSION.JPEG
+        truth = [t.series[0].levels[i].asarray() for i in range(3)]  # tifffile's own decoding
+    r = open_image(path)
+    assert r.levels == [(512, 640), (256, 320), (128, 160)]
+    for lv in range(3):
+        np.testing.assert_array_equal(r.read(slice(0, r.levels[lv][0]), slice(0, r.levels[lv][1]), lv)[0], truth[lv])
+    np.testing.assert_array_equal(r.read(slice(100, 300), slice(130, 390))[0], truth[0][100:300, 130:390])
+    A = np.asarray(man["sections"][2]["transform"]["affine"], float)
+    A[:, :2] /= 8  # 8x finer pixels, same tissue
+    man["sections"].append({"id": "lab-2/scan", "brain": "lab-2", "path": "data/scan.tif", "sha256": path_fingerprint(path),
+                            "modality": "nissl", "spacing_um": 250.0, "transform": {"affine": A.tolist()}})
+    p = _write(tmp_path, man)
+    assert main(["data", "check", str(p)]) == 0, capsys.readouterr().out
+    sec = load_manifest(p).section("lab-2/scan")
+    np.testing.assert_allclose(sec.read(slice(8, 24), slice(16, 40))[0], truth[0][8:24, 16:40] / 255.0, rtol=0, atol=1e-6)
+
+
+def test_unknown_split_is_a_data_error():
+    m = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yml")
+    with pytest.raises(DataError, match="unknown split 'tset'") as e:
+        m.split_ids("tset")
+    assert type(e.value) is DataError and e.value.field == "split"

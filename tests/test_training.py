@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 
 from cytoclr import training as T
+from cytoclr.core import DataError
+from cytoclr.geodesic import geodesic_weights
 from cytoclr.losses import spatial_nce
-from cytoclr.pipeline import DataError
+from cytoclr.sampling import straight_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +95,12 @@ class ToyDistances:
     "Stand-in for cytoclr.geodesic.SurfaceDistances: 'geodesic' = 1.2 x straight line of the toy positions."
 
     def matrix(self, hemi, vertex, kind="geodesic"):
-        xyz = torch.as_tensor(ToyData().xyz[vertex])
-        d = T.euclidean_distances(xyz, torch.as_tensor(hemi)).numpy()
+        d = straight_line(ToyData().xyz[np.asarray(vertex)], hemi_a=np.asarray(hemi))
         return d * 1.2 if kind == "geodesic" else d
+
+    def weights(self, hemi, vertex, sigma_mm, kind="gaussian", metric="geodesic", device="cpu"):
+        d = torch.as_tensor(self.matrix(hemi, vertex, metric), dtype=torch.float32, device=device)
+        return geodesic_weights(d, sigma_mm, kind)
 
 
 toy_distances = ToyDistances()
@@ -137,8 +142,12 @@ def weights_of(path):
     return torch.load(path, weights_only=False)["model"]
 
 
-def losses_of(run_dir, method):
-    return [(r["step"], r["loss"]) for r in T.read_log(T.log_dir(run_dir, method) / "log.csv")]
+def ckpt_of(run_dir, method, modality="nissl"):
+    return T.checkpoint_path(run_dir, modality, method)
+
+
+def losses_of(run_dir, method, modality="nissl"):
+    return [(r["step"], r["loss"]) for r in T.read_log(T.log_dir(run_dir, modality, method) / "log.csv")]
 
 
 # ---------------------------------------------------------------- schedule and config
@@ -174,19 +183,10 @@ def test_split_config_rejects_typos():
 # ---------------------------------------------------------------- weights
 def test_weightings_match_formulas(rng):
     n = 12
-    xyz = torch.as_tensor(rng.uniform(-10, 10, (n, 3)))
     hemi = torch.as_tensor(rng.integers(0, 2, n))
     area = torch.as_tensor(rng.integers(0, 3, n))
     index = torch.as_tensor(rng.integers(0, 4, n))
     sigma = 4.0
-    keys, fn = T.make_weighting("euclidean", sigma)
-    assert keys == ("xyz", "hemi")
-    w = fn(xyz, hemi)
-    for i in range(n):  # slow reference, straight from the formula
-        for j in range(n):
-            d = math.dist(xyz[i].tolist(), xyz[j].tolist())
-            want = math.exp(-d * d / (2 * sigma**2)) if hemi[i] == hemi[j] else 0.0
-            assert float(w[i, j]) == pytest.approx(want, abs=1e-6)
     _, fn = T.make_weighting("supcon")
     w = fn(area)
     for i in range(n):
@@ -194,33 +194,36 @@ def test_weightings_match_formulas(rng):
             assert float(w[i, j]) == float(area[i] == area[j] and area[i] > 0)
     _, fn = T.make_weighting("simclr")
     assert torch.equal(fn(index), (index[:, None] == index[None, :]).float())
-    keys, fn = T.make_weighting("geodesic", sigma, distances=lambda h, v: np.full((len(h), len(h)), 2.0))
-    assert keys == ("hemi", "vertex") and torch.allclose(fn(hemi, hemi), torch.full((n, n), math.exp(-4 / 32)))
-    # with surface distances, geodesic and euclidean read the same surface points, each with its own metric
+    # geodesic and euclidean read the same surface points, each with its own metric, slow reference from the formula
     vert = torch.arange(n)
+    xyz = ToyData().xyz[:n]
     for method, factor in (("geodesic", 1.2), ("euclidean", 1.0)):
         keys, fn = T.make_weighting(method, sigma, distances=ToyDistances())
-        d = T.euclidean_distances(torch.as_tensor(ToyData().xyz[:n]), hemi) * factor
         assert keys == ("hemi", "vertex")
-        torch.testing.assert_close(fn(hemi, vert), torch.exp(-d**2 / (2 * sigma**2)).float(), rtol=1e-5, atol=1e-6)
-    _, fn = T.make_weighting("euclidean", 5.0, kind="threshold")
-    d = T.euclidean_distances(xyz, hemi)
-    assert torch.equal(fn(xyz, hemi), (d < 5.0).float())
-    with pytest.raises(DataError):
-        T.make_weighting("geodesic")  # no distance lookup
+        w = fn(hemi, vert)
+        for i in range(n):
+            for j in range(n):
+                d = factor * math.dist(xyz[i].tolist(), xyz[j].tolist())
+                want = math.exp(-d * d / (2 * sigma**2)) if hemi[i] == hemi[j] else 0.0
+                assert float(w[i, j]) == pytest.approx(want, abs=1e-6)
+    _, fn = T.make_weighting("euclidean", 5.0, kind="threshold", distances=ToyDistances())
+    assert torch.equal(fn(hemi, vert), torch.as_tensor(ToyDistances().matrix(hemi, vert, "euclidean") < 5.0).float())
+    for m in ("geodesic", "euclidean"):
+        with pytest.raises(DataError, match="surface distances"):
+            T.make_weighting(m)  # no distance lookup
 
 
 # ---------------------------------------------------------------- training, resumption, divergence
 def test_training_lowers_loss_and_writes_everything(tmp_path):
     cfg = cfg_(method="euclidean", steps=30, checkpoint_every=10, lr=1e-2)
-    res = T.train(cfg, stream(), tmp_path, model=ToyModel(), progress=False)
-    rows = T.read_log(tmp_path / "training/euclidean/log.csv")
+    res = T.train(cfg, stream(), tmp_path, model=ToyModel(), distances=toy_distances, progress=False)
+    rows = T.read_log(tmp_path / "training/nissl/euclidean/log.csv")
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])
-    st = torch.load(tmp_path / "checkpoints/euclidean/last.pt", weights_only=False)
+    st = torch.load(tmp_path / "checkpoints/nissl/euclidean/last.pt", weights_only=False)
     assert st["step"] == 30 and st["config"]["method"] == "euclidean"
-    assert list((tmp_path / "training/euclidean/tb").glob("events.out.tfevents*"))
-    m = json.loads((tmp_path / "metrics.json").read_text())["training"]["euclidean"]
+    assert list((tmp_path / "training/nissl/euclidean/tb").glob("events.out.tfevents*"))
+    m = json.loads((tmp_path / "metrics.json").read_text())["training"]["nissl"]["euclidean"]
     assert m["final_loss"] == pytest.approx(np.mean([r["loss"] for r in rows[-1:]]))
     assert m["images_per_second"] > 0 and res.final_loss == m["final_loss"]
     # lr follows the schedule
@@ -239,7 +242,7 @@ def test_loss_in_log_is_the_loss_of_the_logged_step(tmp_path):
         model.train()
         want = spatial_nce(model(x)[1], T.make_weighting("supcon")[1](area), cfg.tau).item()
     T.train(cfg, data, tmp_path, model=ToyModel(), progress=False)
-    assert T.read_log(tmp_path / "training/supcon/log.csv")[0]["loss"] == pytest.approx(want, rel=1e-6)
+    assert T.read_log(tmp_path / "training/nissl/supcon/log.csv")[0]["loss"] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("method,interrupt_after", [("simclr", 7), ("geodesic", 5), ("supcon", 9)])
@@ -251,7 +254,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, method, interrupt_after
     with pytest.raises(Interrupt):
         T.train(cfg_(**kw), Bomb(stream(), interrupt_after), b, model=ToyModel(dropout=0.2),
                 distances=toy_distances, progress=False)
-    st = torch.load(T.checkpoint_path(b, method), weights_only=False)
+    st = torch.load(ckpt_of(b, method), weights_only=False)
     assert st["step"] == (interrupt_after // 3) * 3  # the last checkpoint before the kill
     assert len(losses_of(b, method)) == interrupt_after  # rows past the checkpoint exist until resume drops them
     # resume with a fresh model object whose init differs: everything must come from the checkpoint
@@ -259,7 +262,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, method, interrupt_after
     la, lb = losses_of(a, method), losses_of(b, method)
     assert [s for s, _ in lb] == list(range(1, 11))
     np.testing.assert_allclose([l for _, l in lb], [l for _, l in la], rtol=0, atol=1e-6)
-    wa, wb = weights_of(T.checkpoint_path(a, method)), weights_of(T.checkpoint_path(b, method))
+    wa, wb = weights_of(ckpt_of(a, method)), weights_of(ckpt_of(b, method))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
@@ -271,24 +274,83 @@ def test_resume_without_restoring_rng_would_differ(tmp_path):
     T.train(cfg_(**kw), stream(), a, model=ToyModel(dropout=0.2), progress=False)
     with pytest.raises(Interrupt):
         T.train(cfg_(**kw), Bomb(stream(), 7), b, model=ToyModel(dropout=0.2), progress=False)
-    st = torch.load(T.checkpoint_path(b, "simclr"), weights_only=False)
+    st = torch.load(ckpt_of(b, "simclr"), weights_only=False)
     st["pos"], st["epoch"] = 0, 0  # forget the data position
-    torch.save(st, T.checkpoint_path(b, "simclr"))
+    torch.save(st, ckpt_of(b, "simclr"))
     T.train(cfg_(**kw), stream(), b, model=ToyModel(dropout=0.2), progress=False)
     la, lb = losses_of(a, "simclr"), losses_of(b, "simclr")
     assert not np.allclose([l for _, l in lb][6:], [l for _, l in la][6:], atol=1e-6)
 
 
-def test_finished_run_is_not_retrained_and_changed_config_is_refused(tmp_path):
-    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False)
-    before = (tmp_path / "training/simclr/log.csv").read_text()
-    res = T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False)
-    assert res.steps == 4 and (tmp_path / "training/simclr/log.csv").read_text() == before
-    with pytest.raises(DataError) as e:
-        T.train(cfg_(steps=4, lr=1.0), stream(), tmp_path, model=ToyModel(), progress=False)
-    assert e.value.field == "lr"
-    T.train(cfg_(steps=6), stream(), tmp_path, model=ToyModel(), progress=False)  # more steps: allowed
-    assert len(T.read_log(tmp_path / "training/simclr/log.csv")) == 6
+def test_finished_run_is_not_retrained_and_changed_config_is_refused_outside_the_book(tmp_path):
+    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False, origin="cli")
+    log = tmp_path / "training/nissl/simclr/log.csv"
+    before = log.read_text()
+    res = T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False, origin="cli")
+    assert res.steps == 4 and log.read_text() == before
+    for kw, field in ((dict(lr=1.0), "lr"), (dict(steps=6), "steps")):  # steps: the schedule's horizon
+        with pytest.raises(DataError) as e:
+            T.train(cfg_(**{"steps": 4, **kw}), stream(), tmp_path, model=ToyModel(), progress=False, origin="cli")
+        assert e.value.field == field and "--no-resume" in str(e.value)
+    T.train(cfg_(steps=4, checkpoint_every=1, log_every=2), stream(), tmp_path, model=ToyModel(), progress=False,
+            origin="cli")  # bookkeeping may change
+    T.train(cfg_(steps=6), stream(), tmp_path, model=ToyModel(), progress=False, resume=False, origin="cli")
+    assert len(T.read_log(log)) == 6
+
+
+IDENTITY = {"data": {"patch_px": 64, "modality": "nissl", "n_samples": 40}, "data_fingerprint": "d1", "code_fingerprint": "c1"}
+
+
+@pytest.mark.parametrize("change", ["patch_px", "modality", "data_fingerprint", "code_fingerprint", "steps"])
+def test_the_book_retrains_when_what_decides_the_result_changed(tmp_path, change, capsys):
+    "A changed patch size, modality, data (manifest), code or number of steps retrains the book's checkpoint."
+    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False, identity=IDENTITY)
+    first = losses_of(tmp_path, "simclr")
+    ident = {**IDENTITY, "data": dict(IDENTITY["data"])}
+    cfg = cfg_(steps=4)
+    if change in ("patch_px", "modality"):
+        ident["data"][change] = 32 if change == "patch_px" else "pli"
+    elif change == "steps":
+        cfg = cfg_(steps=6)
+    else:
+        ident[change] = "other"
+    capsys.readouterr()
+    res = T.train(cfg, stream(), tmp_path, model=ToyModel(), progress=False, identity=ident)
+    out = capsys.readouterr().out
+    assert f"training again from step 0: {change}" in out or (change.endswith("fingerprint") and "changed" in out)
+    assert res.steps == cfg.steps and len(losses_of(tmp_path, "simclr")) == cfg.steps
+    assert torch.load(ckpt_of(tmp_path, "simclr"), weights_only=False)["identity"] == ident
+    if change != "steps":
+        assert losses_of(tmp_path, "simclr") == first  # the same data stream: the same run again, from step 0
+
+
+def test_an_unchanged_book_run_resumes_and_a_cli_checkpoint_is_never_overwritten(tmp_path):
+    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False, identity=IDENTITY)
+    before = (tmp_path / "training/nissl/simclr/log.csv").read_text()
+    T.train(cfg_(steps=4), stream(), tmp_path, model=ToyModel(), progress=False, identity=dict(IDENTITY))
+    assert (tmp_path / "training/nissl/simclr/log.csv").read_text() == before  # resumed: nothing trained again
+    cli = tmp_path / "cli"
+    T.train(cfg_(steps=4), stream(), cli, model=ToyModel(), progress=False, identity=IDENTITY, origin="cli")
+    kept = ckpt_of(cli, "simclr").read_bytes()
+    with pytest.raises(DataError, match="trained outside the book.*never overwrites") as e:
+        T.train(cfg_(steps=4), stream(), cli, model=ToyModel(), progress=False,
+                identity={**IDENTITY, "code_fingerprint": "c2"})
+    assert e.value.field == "code_fingerprint" and ckpt_of(cli, "simclr").read_bytes() == kept
+
+
+def test_run_identity_sees_the_manifest_content(tmp_path):
+    import shutil
+    from cytoclr.sections import load_manifest
+    shutil.copy(ROOT / "data_manifest.yml", tmp_path / "m.yml")
+    d = T.DataConfig(manifest=str(tmp_path / "m.yml"))
+    a = T.run_identity(d, load_manifest(tmp_path / "m.yml"))
+    assert "manifest" not in a["data"] and a["data"]["patch_px"] == d.patch_px
+    (tmp_path / "m.yml").write_text((tmp_path / "m.yml").read_text().replace(
+        "{id: phantom-0, phantom: {seed: 0}}", "{id: phantom-0, phantom: {seed: 0}, description: a}"))
+    b = T.run_identity(d, load_manifest(tmp_path / "m.yml"))
+    assert b["data_fingerprint"] != a["data_fingerprint"] and b["code_fingerprint"] == a["code_fingerprint"]
+    moved = T.DataConfig(manifest="elsewhere/m.yml")  # the same content under another name: the same identity
+    assert T.run_identity(moved, load_manifest(tmp_path / "m.yml")) == b
 
 
 def test_nan_input_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
@@ -301,9 +363,9 @@ def test_nan_input_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_
         T.train(cfg_(steps=10, checkpoint_every=3), data, tmp_path, model=ToyModel(), progress=False)
     msg = str(e.value)
     assert "step 8" in msg and "non-finite" in msg and "step 6" in msg and "last.pt" in msg
-    st = torch.load(T.checkpoint_path(tmp_path, "simclr"), weights_only=False)
+    st = torch.load(ckpt_of(tmp_path, "simclr"), weights_only=False)
     assert st["step"] == 6 and all(torch.isfinite(v).all() for v in st["model"].values())
-    assert len(T.read_log(tmp_path / "training/simclr/log.csv")) == 7  # steps 1..7 logged, step 8 not
+    assert len(T.read_log(tmp_path / "training/nissl/simclr/log.csv")) == 7  # steps 1..7 logged, step 8 not
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
@@ -317,12 +379,13 @@ def test_nan_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "spatial_nce_distributed", poisoned)
     with pytest.raises(T.TrainingDiverged, match=r"loss became nan .*step 5"):
         T.train(cfg_(steps=10, checkpoint_every=2), stream(), tmp_path, model=ToyModel(), progress=False)
-    st = torch.load(T.checkpoint_path(tmp_path, "simclr"), weights_only=False)
+    st = torch.load(ckpt_of(tmp_path, "simclr"), weights_only=False)
     assert st["step"] == 4 and all(torch.isfinite(v).all() for v in st["model"].values())
 
 
 def test_single_view_batches_and_missing_fields(tmp_path):
-    res = T.train(cfg_(method="euclidean", views=1, steps=3), stream(views=1), tmp_path, model=ToyModel(), progress=False)
+    res = T.train(cfg_(method="euclidean", views=1, steps=3), stream(views=1), tmp_path, model=ToyModel(),
+                  distances=toy_distances, progress=False)
     assert res.steps == 3 and math.isfinite(res.final_loss)
     with pytest.raises(DataError, match="no field"):
         T.train(cfg_(method="euclidean", steps=3), stream(), tmp_path / "x", model=ToyModel(), progress=False,
@@ -332,18 +395,18 @@ def test_single_view_batches_and_missing_fields(tmp_path):
 # ---------------------------------------------------------------- loading encoders
 def test_load_encoder_returns_trained_weights_in_eval_mode(tmp_path):
     T.train(cfg_(steps=3), stream(), tmp_path, model=ToyModel(), progress=False)
-    enc = T.load_encoder(tmp_path, "simclr", "cpu", build=toy_build)
+    enc = T.load_encoder(tmp_path, "simclr", "nissl", "cpu", build=toy_build)
     assert not enc.training
-    st = weights_of(T.checkpoint_path(tmp_path, "simclr"))
+    st = weights_of(ckpt_of(tmp_path, "simclr"))
     for k, v in enc.state_dict().items():
         assert torch.equal(v, st["encoder." + k])
     # random: the seeded initialisation, nothing trained
-    rnd = T.load_encoder(tmp_path, "random", "cpu", build=toy_build)
+    rnd = T.load_encoder(tmp_path, "random", "nissl", "cpu", build=toy_build)
     init = ToyModel(seed=0).encoder.state_dict()
     assert all(torch.equal(rnd.state_dict()[k], init[k]) for k in init)
     assert not all(torch.equal(rnd.state_dict()[k], enc.state_dict()[k]) for k in init)
     T.train(cfg_(method="random"), None, tmp_path, model=toy_build(cfg_(method="random")), progress=False)
-    assert torch.load(T.checkpoint_path(tmp_path, "random"), weights_only=False)["step"] == 0
+    assert torch.load(ckpt_of(tmp_path, "random"), weights_only=False)["step"] == 0
     with pytest.raises(DataError, match="checkpoint not found"):
         T.load_encoder(tmp_path / "nothing", "simclr", build=toy_build)
 
@@ -381,10 +444,10 @@ def test_ddp_two_ranks_equal_one_process_on_the_global_batch(tmp_path, method):
     mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path / "two", method), nprocs=2, join=True)
     l1, l2 = losses_of(tmp_path / "one", method), losses_of(tmp_path / "two", method)
     np.testing.assert_allclose([l for _, l in l2], [l for _, l in l1], rtol=1e-5)
-    w1, w2 = weights_of(T.checkpoint_path(tmp_path / "one", method)), weights_of(T.checkpoint_path(tmp_path / "two", method))
+    w1, w2 = weights_of(ckpt_of(tmp_path / "one", method)), weights_of(ckpt_of(tmp_path / "two", method))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
-    st = torch.load(T.checkpoint_path(tmp_path / "two", method), weights_only=False)
+    st = torch.load(ckpt_of(tmp_path / "two", method), weights_only=False)
     assert st["world_size"] == 2 and len(st["rng"]) == 2
 
 
@@ -413,7 +476,7 @@ def test_ddp_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     mp.spawn(_ddp_resume_worker, args=(2, _free_port(), a, 0), nprocs=2, join=True)
     mp.spawn(_ddp_resume_worker, args=(2, _free_port(), b, 7), nprocs=2, join=True)
-    st = torch.load(T.checkpoint_path(b, "geodesic"), weights_only=False)
+    st = torch.load(ckpt_of(b, "geodesic"), weights_only=False)
     assert st["step"] == 6 and len(st["rng"]) == 2
     with pytest.raises(DataError, match="written by 2 ranks"):  # not resumable by another number of processes
         T.train(cfg_(method="geodesic", steps=10, batch_size=4, checkpoint_every=3), stream(b=4), b,
@@ -422,7 +485,7 @@ def test_ddp_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     la, lb = losses_of(a, "geodesic"), losses_of(b, "geodesic")
     assert [s for s, _ in lb] == list(range(1, 11))
     np.testing.assert_allclose([l for _, l in lb], [l for _, l in la], rtol=0, atol=1e-6)
-    wa, wb = weights_of(T.checkpoint_path(a, "geodesic")), weights_of(T.checkpoint_path(b, "geodesic"))
+    wa, wb = weights_of(ckpt_of(a, "geodesic")), weights_of(ckpt_of(b, "geodesic"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
@@ -445,17 +508,21 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
     "main() end to end on the toy data: config file + override, every method, exit code 0, resumable."
-    monkeypatch.setattr(T, "load_training_samples", lambda dcfg, **kw: (None, None, None))
+    monkeypatch.setattr(T, "load_training_samples", lambda dcfg, *a, **kw: (None, None, None))
     monkeypatch.setattr(T, "build_data", lambda dcfg, cfg, *a, **kw: stream(b=cfg.batch_size))
+    monkeypatch.setattr(T, "run_identity", lambda dcfg, man: IDENTITY)
+    import cytoclr.sections as S
+    monkeypatch.setattr(S, "load_manifest", lambda p: _Manifest())
     monkeypatch.setattr(T, "surface_distances", lambda ref, **kw: toy_distances)
     monkeypatch.setattr(T, "build_model", lambda cfg: ToyModel(seed=cfg.seed))
     cfg = tmp_path / "train.yml"
     cfg.write_text("methods: [geodesic, supcon, random]\nsteps: 3\nbatch_size: 8\nproj_dim: 8\nproj_hidden: 16\n")
     assert T.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "-p", "steps=4", "--no-progress"]) == 0
     for m in ("geodesic", "supcon", "random"):
-        st = torch.load(T.checkpoint_path(tmp_path / "run", m), weights_only=False)
+        st = torch.load(ckpt_of(tmp_path / "run", m), weights_only=False)
         assert st["step"] == (0 if m == "random" else 4) and st["config"]["steps"] == 4
-    assert set(json.loads((tmp_path / "run/metrics.json").read_text())["training"]) == {"geodesic", "supcon"}
+    assert set(json.loads((tmp_path / "run/metrics.json").read_text())["training"]["nissl"]) == {"geodesic", "supcon"}
+    assert torch.load(ckpt_of(tmp_path / "run", "geodesic"), weights_only=False)["origin"] == "cli"
 
 
 # ---------------------------------------------------------------- training data restricted to some brains
@@ -483,11 +550,3 @@ def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
         with pytest.raises(DataError) as e:
             T.load_training_samples(T.DataConfig(brains=bad), _Manifest())
         assert e.value.field == "brains" and "b0" in str(e.value) and e.value.file == "m.yml"
-
-
-def test_embed_is_normalised_and_independent_of_the_batch_size():
-    enc = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    x = np.random.default_rng(0).normal(size=(10, 1, 8, 8)).astype(np.float32)
-    a, b = T.embed(enc, x, batch=3), T.embed(enc, torch.from_numpy(x), batch=256)
-    assert a.shape == (10, 4) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-6)
-    np.testing.assert_allclose(a, b, atol=1e-6)
