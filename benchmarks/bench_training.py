@@ -1,25 +1,45 @@
-"""Trainer overhead: `cytoclr.training.train` vs a bare loop over the same model, batches and loss.
+"""Trainer overhead and the real data path: `cytoclr.training.train` vs a bare loop on the same batches.
 
-Both run the quick encoder (cytoclr.models, "quick") on 128 px single-channel images, 64 locations x
-2 views = 128 images per step, SimCLR weights, AdamW + warm-up/cosine + clipping. The data are
-in-memory tensors served through the same BatchStream, so the ratio isolates the trainer's own
-costs: checks, CSV/TensorBoard logging, tqdm, checkpoints. Runs alternate (bare, trainer, ...) and
-the medians are compared. Goal: trainer throughput >= 0.9 x the bare loop.
+Part 1 (synthetic): the quick encoder (cytoclr.models, "quick") on 128 px single-channel images, 64 locations
+x 2 views = 128 images per step, SimCLR weights, AdamW + warm-up/cosine + clipping. The data are in-memory
+tensors served through the same BatchStream, so the ratio isolates the trainer's own costs: checks,
+CSV/TensorBoard logging, tqdm, checkpoints.
 
-    .venv/bin/python benchmarks/bench_training.py [--steps 40] [--repeats 3]
+Part 2 (the chapter's real data path): phantom Nissl sections of the train split of `data_manifest.yml`, a few
+thousand locations (`load_training_samples`), `build_data` (crops cached in memory as float16, neighbourhood
+batches, two views, augmentation of the whole batch in one pass by `PatchDataset.__getitems__`), geodesic weights
+from the 30 mm table of `surface_distances(ref)` through `make_weighting` (the sparse `SurfaceDistances.weights`
+path). The trainer and a bare loop run over the SAME BatchStream (same batches, augmentation, weights and model
+initialisation; their final losses must agree). Also the old configuration over the same locations and batches:
+128 px patches at 32 um/px (the same 4 mm field of view) augmented view by view (`Augment.apply`, i.e.
+`PatchDataset.__getitem__` one item at a time, forced through a dataset wrapper without `__getitems__`), and the
+two mixed configurations, so that the gain splits into patch size and data path. Crops are rendered once before
+timing in every configuration (the cache); "data only" is the stream without the model.
+
+Runs alternate (bare, trainer, ...) and the medians are compared; only ratios within one run mean anything (the
+machine's speed changes 2x between days). Goal: trainer throughput >= 0.9 x the bare loop, in both parts.
+
+    .venv/bin/python benchmarks/bench_training.py [--steps 40] [--real-steps 20] [--repeats 3] [--samples 4096]
+                                                  [--only synthetic|real]
 """
 import argparse
+import dataclasses
 import math
+import re
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from cytoclr import training as T
 from cytoclr.losses import spatial_nce, view_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Images(torch.utils.data.Dataset):
@@ -52,6 +72,32 @@ class Batches:
         return iter(p[: len(self) * self.b].reshape(len(self), self.b).tolist())
 
 
+class OneByOne(torch.utils.data.Dataset):
+    "A PatchDataset without `__getitems__`: the DataLoader asks item by item, each augmented view by view (`Augment.apply`)."
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+    def set_epoch(self, e):
+        self.ds.set_epoch(e)
+
+
+class RenderedOnce:
+    "Mixin for a PatchDataset: keep each crop (float16, as `cache=True`) once it was first rendered; renders only what is used."
+
+    def crop(self, i):
+        memo = self.__dict__.setdefault("_memo", {})
+        if i not in memo:
+            memo[i] = self._read(i, self.crop_px).astype(np.float16)
+        return memo[i].astype(np.float32)
+
+
 def make_model(cfg):
     try:
         return T.build_model(cfg)
@@ -73,8 +119,13 @@ def make_model(cfg):
         return M()
 
 
-def bare(cfg, stream):
-    "The loop anyone would write: no checks, no logs, no checkpoints."
+def simclr_weighting():
+    return ("index",), view_weights
+
+
+def bare(cfg, stream, weighting=None):
+    "The loop anyone would write: no checks, no logs, no checkpoints. `weighting`: (keys, weight_fn) as `make_weighting`."
+    keys, weight_fn = weighting or simclr_weighting()
     model = make_model(cfg)
     opt, sched = T.make_optimizer(model, cfg)
     model.train()
@@ -83,9 +134,9 @@ def bare(cfg, stream):
     while step < cfg.steps:
         for batch in stream.epoch(step // len(stream)):
             x = batch["image"].flatten(0, 1)  # (B*2, C, H, W)
-            ids = batch["index"].repeat_interleave(2)
+            kv = [torch.as_tensor(batch[k]).repeat_interleave(2) for k in keys]  # (B*2,) each, views adjacent
             _, z = model(x)
-            loss = spatial_nce(z, view_weights(ids), cfg.tau)
+            loss = spatial_nce(z, weight_fn(*kv), cfg.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -97,27 +148,34 @@ def bare(cfg, stream):
     return n / (time.perf_counter() - t0), float(loss.detach())
 
 
-def trainer(cfg, stream):
+def trainer(cfg, stream, distances=None):
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = T.train(cfg, stream, tmp, model=make_model(cfg), progress=True, write_metrics=False)
+        res = T.train(cfg, stream, tmp, model=make_model(cfg), distances=distances, progress=True, write_metrics=False)
         wall = time.perf_counter() - t0  # everything: set-up, logs, tqdm, checkpoints
     return res.steps * cfg.batch_size * cfg.views / wall, res.losses[-1][1]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--px", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64, help="locations per step (x 2 views)")
-    a = ap.parse_args()
+def data_only(cfg, stream):
+    "Images/s of the stream alone: sampling, collation, augmentation (crops already cached)."
+    n, step = 0, 0
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        for batch in stream.epoch(step // len(stream)):
+            n, step = n + batch["image"].shape[0] * batch["image"].shape[1], step + 1
+            if step >= cfg.steps:
+                break
+    return n / (time.perf_counter() - t0)
+
+
+# -- part 1 ---------------------------------------------------------------------------------------------------------
+def synthetic(a):
     cfg = T.TrainConfig(method="simclr", arch="quick", steps=a.steps, batch_size=a.batch, views=2,
                         checkpoint_every=max(1, a.steps // 2), log_every=10, warmup_steps=5)
     stream = T.BatchStream(Images(a.batch * 8, a.px), Batches(a.batch * 8, a.batch))
     n_params = sum(p.numel() for p in make_model(cfg).parameters())
-    print(f"quick encoder + head: {n_params / 1e6:.2f} M parameters; {a.steps} steps of {a.batch} x 2 images "
-          f"at {a.px} px; torch threads {torch.get_num_threads()}")
+    print(f"[1, synthetic] quick encoder + head: {n_params / 1e6:.2f} M parameters; {a.steps} steps of {a.batch} x 2 "
+          f"images at {a.px} px, in-memory tensors, SimCLR weights; torch threads {torch.get_num_threads()}")
     warm = T.TrainConfig(**{**cfg.to_dict(), "steps": 3})
     bare(warm, stream), trainer(warm, stream)  # warm-up: allocator, oneDNN kernels, TensorBoard import
     rb, rt = [], []
@@ -128,8 +186,155 @@ def main():
         rb.append(ib), rt.append(it)
         print(f"  repeat {r + 1}: bare {ib:.0f} images/s, trainer {it:.0f} images/s (final loss {lt:.4f} both)", file=sys.stderr)
     mb, mt = statistics.median(rb), statistics.median(rt)
-    print(f"bare loop: {mb:.0f} images/s (median of {a.repeats}); trainer: {mt:.0f} images/s; "
-          f"ratio trainer/bare = {mt / mb:.3f} (goal >= 0.90)")
+    print(f"[1, synthetic] bare loop: {mb:.0f} images/s (median of {a.repeats}); trainer: {mt:.0f} images/s; "
+          f"ratio trainer/bare = {mt / mb:.3f} (goal >= 0.90: {'met' if mt / mb >= 0.9 else 'NOT met'})")
+
+
+# -- part 2 ---------------------------------------------------------------------------------------------------------
+def cached_cutoffs() -> list[float]:
+    "Cutoffs (mm) of the geodesic tables in the cache folder (one file per hemisphere and cutoff)."
+    from cytoclr.geodesic import cache_dir
+    return sorted(float(m.group(1)) for p in (cache_dir() / "geodesic").glob("geodesic-*.npz")
+                  if (m := re.search(r"-c([0-9.]+)mm\.npz$", p.name)))
+
+
+def manifest_at(spacing_um: float, folder: Path) -> Path:
+    "A copy of data_manifest.yml whose phantom series are rendered at `spacing_um` (same brains, planes, splits)."
+    d = yaml.safe_load((ROOT / "data_manifest.yml").read_text())
+    for s in d.get("phantom_series", []):
+        s["spacing_um"] = float(spacing_um)
+    path = folder / "manifest_32um.yml"
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def real(a):
+    from cytoclr.sampling import Augment, PatchDataset
+    from cytoclr.sections import load_manifest
+    cut = 30.0
+    cfg = T.TrainConfig(method="geodesic", modality="nissl", arch="quick", steps=a.real_steps, batch_size=a.batch,
+                        views=2, checkpoint_every=max(1, a.real_steps // 2), log_every=10, warmup_steps=5).validate()
+    dcfg = T.DataConfig(manifest=str(ROOT / "data_manifest.yml"), split="train", modality="nissl", n_samples=a.samples,
+                        patch_px=64, max_sections=a.max_sections, cache=True)
+    t0 = time.perf_counter()
+    man = load_manifest(dcfg.manifest)
+    sections, samples, ref = T.load_training_samples(dcfg, man, progress=False)
+    t_samples = time.perf_counter() - t0
+    have = [c for c in cached_cutoffs() if c >= cut]
+    print(f"\n[2, real data] {len(samples)} locations on {len(sections)} train Nissl sections of "
+          f"{len(set(samples.brain))} phantom brains, sampled in {t_samples:.0f} s (sections, masks, reference)")
+    if not have:
+        print(f"[2, real data] no cached geodesic table with cutoff >= {cut:g} mm in ~/.cache/cytoclr/geodesic: "
+              "building both hemispheres' tables now (about a minute; later runs load them from the cache)", flush=True)
+    t0 = time.perf_counter()
+    dist = T.surface_distances(ref, cut, progress=not have)
+    for h in ref.hemis:
+        dist.table(h)
+    print(f"[2, real data] {cut:g} mm geodesic tables ready in {time.perf_counter() - t0:.1f} s "
+          f"({'loaded from the cache' if have else 'built and cached'})")
+    weighting = T.make_weighting(cfg.method, cfg.sigma_mm, cfg.weight_kind, dist)
+
+    # the new configuration: what chapter 7 runs (64 px at 64 um/px, batched augmentation)
+    new = T.build_data(dcfg, cfg, sections, samples, ref, distances=dist, progress=False)
+    ds64 = new.dataset
+    # the old configuration over the same locations: 128 px at 32 um/px (same 4 mm), same batches (same samples' positions)
+    with tempfile.TemporaryDirectory() as tmp:
+        man32 = load_manifest(manifest_at(32.0, Path(tmp)))
+    secs32 = T.spread(man32.split(dcfg.split, dcfg.modality), dcfg.max_sections)
+    assert [s.id for s in secs32] == [s.id for s in sections], "the 32 um/px manifest lists other sections"
+    rc32 = np.empty_like(samples.rc)
+    for k, (s64, s32) in enumerate(zip(sections, secs32)):
+        sel = samples.section == k
+        rc32[sel] = s32.from_reference(s64.to_reference(samples.rc[sel]))  # the same tissue point, in 32 um/px pixels
+    samples32 = dataclasses.replace(samples, rc=rc32)
+    class Patches128(RenderedOnce, PatchDataset):
+        pass
+    ds128 = Patches128(secs32, samples32, 128, views=2, augment=Augment(modality="nissl"), seed=cfg.seed, progress=False)
+    dcfg128 = dataclasses.replace(dcfg, patch_px=128)
+    t0 = time.perf_counter()
+    ds64.crops
+    t64 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sampler = new.batch_sampler
+    sampler.set_epoch(0)
+    used = np.unique(np.concatenate([sampler.batch(t) for t in range(min(cfg.steps, len(sampler)))]))
+    for i in used:  # every timed run is the first `steps` batches of epoch 0
+        ds128.crop(int(i))
+    t128 = time.perf_counter() - t0
+    print(f"[2, real data] crops rendered once, outside the timings (the cache): all {len(ds64)} of {ds64.crop_px} px at "
+          f"64 um/px in {t64:.1f} s ({ds64.crops.nbytes / 1e6:.0f} MB float16); the {len(used)} that the timed steps use "
+          f"of {ds128.crop_px} px at 32 um/px in {t128:.1f} s")
+    streams = {  # name -> stream; all draw the same batches of the same locations
+        "64 px @ 64 um/px, batched aug (new)": new,
+        "64 px @ 64 um/px, per-view aug": T.build_data(dcfg, cfg, sections, samples, ref, dataset=OneByOne(ds64), distances=dist),
+        "128 px @ 32 um/px, batched aug": T.build_data(dcfg128, cfg, secs32, samples32, ref, dataset=ds128, distances=dist),
+        "128 px @ 32 um/px, per-view aug (old)": T.build_data(dcfg128, cfg, secs32, samples32, ref, dataset=OneByOne(ds128),
+                                                              distances=dist),
+    }
+    b0 = [next(iter(s.epoch(0))) for s in streams.values()]
+    assert all(torch.equal(b0[0]["index"], b["index"]) for b in b0), "the streams draw different batches"
+    diff64 = float((b0[0]["image"] - b0[1]["image"]).abs().max())
+    diff128 = float((b0[2]["image"] - b0[3]["image"]).abs().max())
+    print(f"[2, real data] same batches in every stream; batched vs per-view augmentation of batch 0: max |difference| "
+          f"{diff64:.1e} (64 px), {diff128:.1e} (128 px); {len(new)} batches per epoch")
+
+    warm = dataclasses.replace(cfg, steps=2, checkpoint_every=1)
+    for s in streams.values():
+        bare(warm, s, weighting)
+    trainer(warm, new, dist)
+    res = {k: dict(data=[], bare=[], trainer=[]) for k in streams}
+    first = next(iter(streams))
+    for r in range(a.repeats):
+        line = []
+        for name, s in streams.items():
+            res[name]["data"].append(data_only(cfg, s))
+            ib, lb = bare(cfg, s, weighting)
+            res[name]["bare"].append(ib)
+            line.append(f"{name.split(',')[0]}{' per-view' if 'per-view' in name else ''} bare {ib:.0f}")
+            if name == first:
+                it, lt = trainer(cfg, s, dist)
+                assert math.isclose(lb, lt, rel_tol=1e-4), f"the two loops diverged: final loss {lb} vs {lt}"
+                res[name]["trainer"].append(it)
+                line.append(f"trainer {it:.0f} (final loss {lt:.4f} both)")
+        print(f"  repeat {r + 1} (images/s): " + ", ".join(line), file=sys.stderr)
+
+    med = {k: {m: statistics.median(v) if v else float("nan") for m, v in d.items()} for k, d in res.items()}
+    names = list(streams)
+    ref_bare = med[names[-1]]["bare"]  # the old configuration
+    print(f"[2, real data] images/s, median of {a.repeats} alternating repeats of {cfg.steps} steps x {cfg.batch_size} "
+          f"locations x 2 views; geodesic weights (sigma {cfg.sigma_mm:g} mm, {cut:g} mm table); quick encoder; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"  {'configuration':40s} {'data only':>10s} {'bare loop':>10s} {'trainer':>9s} {'trainer/bare':>13s} {'bare vs old':>12s}")
+    for k in names:
+        m = med[k]
+        tr = f"{m['trainer']:9.0f}" if res[k]["trainer"] else f"{'-':>9s}"
+        ratio = f"{m['trainer'] / m['bare']:13.3f}" if res[k]["trainer"] else f"{'-':>13s}"
+        print(f"  {k:40s} {m['data']:10.0f} {m['bare']:10.0f} {tr} {ratio} {m['bare'] / ref_bare:11.2f}x")
+    mt = med[first]
+    n64b, n64v, n128b, n128v = (med[k]["bare"] for k in names)
+    print(f"[2, real data] trainer / bare loop on the real data path = {mt['trainer'] / mt['bare']:.3f} "
+          f"(goal >= 0.90: {'met' if mt['trainer'] / mt['bare'] >= 0.9 else 'NOT met'})")
+    print(f"[2, real data] new vs old configuration (bare loop): {n64b / n128v:.2f}x; the patch size alone (128 -> 64 px): "
+          f"{n64v / n128v:.2f}x per-view, {n64b / n128b:.2f}x batched; batched augmentation alone: {n64b / n64v:.2f}x "
+          f"at 64 px, {n128b / n128v:.2f}x at 128 px; data path alone (data only, batched / per-view): "
+          f"{med[names[0]]['data'] / med[names[1]]['data']:.1f}x at 64 px, {med[names[2]]['data'] / med[names[3]]['data']:.1f}x at 128 px")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help="steps per run, part 1")
+    ap.add_argument("--real-steps", type=int, default=20, help="steps per run, part 2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--px", type=int, default=128, help="image side, part 1")
+    ap.add_argument("--batch", type=int, default=64, help="locations per step (x 2 views)")
+    ap.add_argument("--samples", type=int, default=4096, help="training locations, part 2")
+    ap.add_argument("--max-sections", type=int, default=0, help="train sections used in part 2 (0: all)")
+    ap.add_argument("--only", choices=("synthetic", "real"), help="run one part only")
+    a = ap.parse_args()
+    if a.only != "real":
+        synthetic(a)
+    if a.only != "synthetic":
+        real(a)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core import DataError
+from pathlib import Path
+
+from .core import DataError, atomic_path, write_json_atomic
+from .sampling import mask_grid
 
 # %% auto #0
 __all__ = ['BRAIN_BOX_MM', 'AffineFit', 'affine_residuals', 'point_error_mm', 'plane_angle_deg', 'ransac_affine',
-           'fit_affine_ransac', 'synthetic_pairs']
+           'fit_affine_ransac', 'synthetic_pairs', 'Placement', 'place_section', 'lstsq_affine', 'section_errors',
+           'encoder_from_checkpoint', 'concat_frames', 'open_unregistered', 'anchor_images', 'series_consistency',
+           'anchor_cli']
 
 # %% ../nbs/10_alignment.ipynb #77937bcb
 _MIN_TRIANGLE = 1e-3  # a sample is degenerate when its triangle's height < this share of its longest side (uv)
@@ -317,3 +322,271 @@ def synthetic_pairs(n=4000, outlier_share=0.7, noise_mm=0.7, spacing_um=32.0, sh
     lo, hi = np.array(BRAIN_BOX_MM).T
     xyz[~inl] = rng.uniform(lo, hi, (int((~inl).sum()), 3))
     return uv, xyz, A, inl
+
+# %% ../nbs/10_alignment.ipynb #cdf6a0e3
+@dataclass
+class Placement:
+    "A section placed in the reference from its patches' anchors (`place_section`)."
+    A: np.ndarray  # (3, 3) fitted affine: xyz ~ A @ [row, col, 1]
+    inliers: np.ndarray  # (q,) bool: the final matches within the threshold of A
+    matches: np.ndarray  # (q,) index of each patch's frame anchor after alignment
+    similarity: np.ndarray  # (q,) its cosine similarity
+    indices: np.ndarray  # (q, k) the frame patches inside each patch's final window, most similar first (-1: none)
+    history: list  # per round: {"radius_mm", "inliers", "inlier_share", "median_residual_mm", "changed"}
+
+
+def _window_topk(sim: np.ndarray, allowed: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    "Indices (q, k) of the k most similar allowed columns of sim (q, n), ties to the lower index; -1 where fewer."
+    out = np.full((len(sim), min(k, sim.shape[1])), -1, np.int64)
+    for a in range(0, len(sim), chunk):  # chunks of rows: the sort's index array stays small
+        s = np.where(allowed[a:a + chunk], sim[a:a + chunk], -np.inf)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :out.shape[1]]  # stable: equal similarities keep index order
+        out[a:a + chunk] = np.where(np.take_along_axis(s, order, 1) > -np.inf, order, -1)
+    return out
+
+
+def place_section(uv, query_feats, frame_feats, frame_xyz, threshold_mm: float = 5.0, spacing_um=None,
+                  usable=None, k: int = 50, rounds: int = 4, min_radius_mm: float = 4.0, window: float = 3.0,
+                  min_inliers: int = 6, seed: int = 0) -> Placement:
+    """Place a section from its patches: uv (q, 2) pixel centres, query_feats (q, D), frame_feats (n, D) and frame_xyz
+    (n, 3) of the frame. `usable` (n,) bool limits the frame (chapter 9's plane rule; None: all of it). Fit, then
+    re-anchor each patch within `window` x the inliers' median residual (at least `min_radius_mm`) of its predicted
+    position, refit, and repeat for up to `rounds` rounds or until no match changes."""
+    uv = np.asarray(uv, np.float64)
+    qf, ff, fx = np.asarray(query_feats, np.float32), np.asarray(frame_feats, np.float32), np.asarray(frame_xyz, np.float64)
+    if len(uv) != len(qf) or len(ff) != len(fx):
+        raise DataError(f"{len(uv)} pixel positions for {len(qf)} patch features, or {len(ff)} frame features for "
+                        f"{len(fx)} frame positions", field="query_feats")
+    cols = np.arange(len(fx)) if usable is None else np.flatnonzero(np.asarray(usable, bool))
+    if len(cols) < 3:
+        raise DataError(f"the frame has {len(cols)} usable patches: too few to place a section", field="frame")
+    qn = qf / np.maximum(np.linalg.norm(qf, axis=1, keepdims=True), 1e-12)
+    fn = ff[cols] / np.maximum(np.linalg.norm(ff[cols], axis=1, keepdims=True), 1e-12)
+    sim = qn @ fn.T  # (q, m) cosine similarities to the usable frame patches
+    allowed = np.ones_like(sim, bool)
+    top = _window_topk(sim, allowed, k)
+    match = top[:, 0]
+    history = []
+    A, inl = None, None
+    for rnd in range(rounds + 1):
+        w = np.clip(sim[np.arange(len(uv)), match], 0, None) + 1e-6  # similarity-weighted pairs
+        A, inl = fit_affine_ransac(uv, fx[cols][match], threshold_mm, weights=w, spacing_um=spacing_um,
+                                   min_inliers=min_inliers, seed=seed + rnd)
+        res = affine_residuals(A, uv, fx[cols][match])
+        radius = max(min_radius_mm, window * float(np.median(res[inl])))
+        if history:  # the window only shrinks: a better fit, a narrower search
+            radius = min(radius, history[-1]["radius_mm"])
+        history.append({"radius_mm": radius, "inliers": int(inl.sum()), "inlier_share": float(inl.mean()),
+                        "median_residual_mm": float(np.median(res[inl]))})
+        if rnd == rounds:
+            break
+        pred = uv @ A[:, :2].T + A[:, 2]  # (q, 3) where the fit puts every patch
+        F = fx[cols]
+        d2 = (pred ** 2).sum(1)[:, None] + (F ** 2).sum(1)[None] - 2 * pred @ F.T  # (q, m) squared mm to each
+        allowed = d2 <= radius ** 2
+        empty = ~allowed.any(1)
+        allowed[empty, d2[empty].argmin(1)] = True  # nothing in the window: its nearest frame patch
+        top = _window_topk(sim, allowed, k)
+        new = top[:, 0]
+        changed = int((new != match).sum())
+        history[-1]["changed"] = changed
+        match = new
+        if changed == 0:
+            break
+    idx = np.where(top >= 0, cols[np.maximum(top, 0)], -1)
+    return Placement(A=A, inliers=inl, matches=cols[match], similarity=sim[np.arange(len(uv)), match], indices=idx,
+                     history=history)
+
+# %% ../nbs/10_alignment.ipynb #1925a542
+def lstsq_affine(uv, xyz) -> np.ndarray:
+    "The least-squares affine A (3, 3) with xyz ~ A @ [u, v, 1] (no outliers assumed)."
+    H = np.column_stack([np.asarray(uv, np.float64), np.ones(len(uv))])  # (n, 3)
+    X, *_ = np.linalg.lstsq(H, np.asarray(xyz, np.float64), rcond=None)  # (3, 3)
+    return X.T
+
+
+def section_errors(A_fit, uv, A_true=None, xyz_true=None) -> dict:
+    """Whole-section errors of a fitted affine at pixels uv (n, 2): against a true affine (`A_true`) or against true
+    points (`xyz_true` (n, 3), e.g. homologous points, through their least-squares affine for the plane angle)."""
+    if (A_true is None) == (xyz_true is None):
+        raise DataError("give exactly one of A_true and xyz_true", field="A_true")
+    if A_true is not None:
+        return {"median_point_error_mm": float(np.median(point_error_mm(A_fit, A_true, uv))),
+                "plane_angle_error_deg": plane_angle_deg(A_fit, A_true)}
+    A_best = lstsq_affine(uv, xyz_true)
+    pred = np.asarray(uv, np.float64) @ np.asarray(A_fit)[:, :2].T + np.asarray(A_fit)[:, 2]
+    return {"median_point_error_mm": float(np.median(np.linalg.norm(pred - xyz_true, axis=1))),
+            "plane_angle_error_deg": plane_angle_deg(A_fit, A_best),
+            "best_affine_residual_mm": float(np.median(affine_residuals(A_best, uv, xyz_true)))}
+
+# %% ../nbs/10_alignment.ipynb #4ea22b7e
+def encoder_from_checkpoint(path, device="cpu"):
+    "(encoder in eval mode, TrainConfig) of a checkpoint file or folder (`.../checkpoints/<modality>/<method>/`)."
+    from cytoclr.training import TrainConfig, build_model, load_checkpoint
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    st = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(st["config"], file=path)
+    model = build_model(cfg)
+    model.load_state_dict(st["model"])
+    return model.encoder.to(device).eval(), cfg
+
+
+def concat_frames(frames: list):
+    "One frame of several (e.g. a brain's coronal and sagittal frames); all from one embedding space."
+    from cytoclr.anchoring import Frame
+    if not frames:
+        raise DataError("no reference frame given", field="--frame")
+    for f in frames[1:]:
+        f.check_space(frames[0].space, "the first frame's encoder")
+    offs = np.cumsum([0] + [len(f.section_ids) for f in frames[:-1]])
+    cat = lambda k: None if any(getattr(f, k) is None for f in frames) else np.concatenate([getattr(f, k) for f in frames])
+    return Frame(xyz=cat("xyz"), hemi=cat("hemi"), section=np.concatenate([f.section + o for f, o in zip(frames, offs)]),
+                 rc=cat("rc"), brain=cat("brain"), section_ids=[i for f in frames for i in f.section_ids],
+                 xyz_true=cat("xyz_true"), features=cat("features"), space=dict(frames[0].space),
+                 meta={"parts": [f.meta for f in frames]})
+
+
+def open_unregistered(path, modality: str, spacing_um: float, mask=None):
+    "An `ImageSection` of an image file without a transform; its mask from a mask image, else a tissue threshold."
+    from cytoclr.sections import ImageMask, ImageSection, TissueMask, open_image
+    img = open_image(path)
+    m = ImageMask(open_image(mask), field="--mask") if mask else TissueMask(img, modality)
+    return ImageSection(img, modality, float(spacing_um), None, mask=m, id=Path(path).name)
+
+
+def _placed_figure(ref, A, shape, xyz_inliers, title):
+    "Three views of the reference cortex with the placed section's outline and its inlier anchors."
+    import matplotlib.pyplot as plt
+    mid = np.concatenate([ref.mid[h] for h in ref.hemis])[::7]
+    H, W = shape
+    corners = np.array([[0, 0], [0, W - 1], [H - 1, W - 1], [H - 1, 0], [0, 0]], float) @ A[:, :2].T + A[:, 2]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for ax, (i, j, name) in zip(axes, ((0, 2, "coronal view (x, z)"), (1, 2, "sagittal view (y, z)"), (0, 1, "axial view (x, y)"))):
+        ax.scatter(mid[:, i], mid[:, j], s=0.2, c="0.8")
+        ax.plot(corners[:, i], corners[:, j], "-", color="tab:red", lw=1.5, label="placed section")
+        ax.scatter(xyz_inliers[:, i], xyz_inliers[:, j], s=2, c="tab:blue", label="inlier anchors")
+        ax.set(title=name, aspect="equal", xlabel="xyz"[i] + " (mm)", ylabel="xyz"[j] + " (mm)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def anchor_images(images: list, modality: str, spacing_um: float, encoder, frame, out, masks=None, method: str = "",
+                  grid_mm: float = 1.0, threshold_mm: float = 5.0, min_inliers: int = 20, max_patches: int = 4000,
+                  seed: int = 0, progress: bool = True, ref=None) -> dict:
+    """Place unregistered images of `modality` (pixel size `spacing_um`) with `encoder` and its `frame` (chapter 9);
+    write the outputs described above into `out`. Returns {"sections": [summary per image], "series": check}."""
+    import csv
+    import yaml
+    from cytoclr.anchoring import encoder_space
+    from cytoclr.core import path_fingerprint, progress as progress_bar, save_figure
+    from cytoclr.models import embed
+    from cytoclr.sampling import extract_patch
+    if getattr(encoder, "modality", modality) != modality:
+        raise DataError(f"the checkpoint is a {encoder.modality} encoder but the images are {modality}: give the "
+                        f"{modality} checkpoint (checkpoints/{modality}/<method>)", field="--checkpoint")
+    frame.check_space(encoder_space(encoder, modality, method or frame.space.get("method", "")), "this checkpoint")
+    if ref is None:
+        from cytoclr.reference import load_reference
+        ref = load_reference()
+    out = Path(out)
+    masks = list(masks or [None] * len(images))
+    if len(masks) != len(images):
+        raise DataError(f"{len(masks)} masks for {len(images)} images", field="--mask")
+    patch_px = int(frame.meta.get("patch_px") or (frame.meta.get("parts") or [{}])[0].get("patch_px") or 64)
+    results = []
+    for path, mask in zip(images, masks):
+        sec = open_unregistered(path, modality, spacing_um, mask)
+        rc = mask_grid(sec, grid_mm, "auto")
+        if len(rc) > max_patches:
+            rc = rc[np.linspace(0, len(rc) - 1, max_patches).round().astype(int)]
+        if len(rc) < max(3, min_inliers):
+            raise DataError(f"only {len(rc)} patch centres on the section's mask at a {grid_mm} mm grid: "
+                            "a finer --grid-mm, or a mask that covers the tissue", file=path, field="--mask")
+        patches = np.stack([extract_patch(sec, p, patch_px) for p in
+                            progress_bar(rc, desc=f"patches of {Path(path).name}", disable=not progress)])
+        feats = embed(encoder, patches, batch=256)
+        try:
+            pl = place_section(rc, feats, frame.features, frame.xyz, threshold_mm, spacing_um=spacing_um,
+                               min_inliers=min_inliers, seed=seed)
+        except DataError as e:
+            raise DataError(f"cannot place this section: {e.message}", file=path, field=e.field) from None
+        res = affine_residuals(pl.A, rc, frame.xyz[pl.matches])
+        n_u = np.cross(pl.A[:, 0], pl.A[:, 1])
+        summary = {"image": str(path), "patches": int(len(rc)), "inliers": int(pl.inliers.sum()),
+                   "inlier_share": float(pl.inliers.mean()), "median_residual_mm": float(np.median(res[pl.inliers])),
+                   "p90_residual_mm": float(np.percentile(res[pl.inliers], 90)), "rounds": pl.history,
+                   "affine": pl.A.tolist(), "normal": (n_u / np.linalg.norm(n_u)).tolist(),
+                   "centre_mm": (pl.A @ np.array([(sec.shape[0] - 1) / 2, (sec.shape[1] - 1) / 2, 1.0])).tolist()}
+        folder = out / Path(path).name.split(".")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "matches.csv") as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["row", "col", "x", "y", "z", "similarity", "inlier"])
+            for (r, c), p, s, i in zip(rc, frame.xyz[pl.matches], pl.similarity, pl.inliers):
+                w.writerow([f"{r:.1f}", f"{c:.1f}", f"{p[0]:.3f}", f"{p[1]:.3f}", f"{p[2]:.3f}", f"{s:.4f}", int(i)])
+        write_json_atomic(folder / "affine.json", summary)
+        entry = {"id": Path(path).name.split(".")[0], "brain": "unknown", "path": str(Path(path).resolve()),
+                 "sha256": path_fingerprint(path), "modality": modality, "spacing_um": float(spacing_um),
+                 "transform": {"affine": [[round(float(x), 6) for x in row] for row in pl.A]},
+                 "provenance": {"anchored_by": "cytoclr anchor", "inliers": summary["inliers"],
+                                "inlier_share": round(summary["inlier_share"], 4),
+                                "median_residual_mm": round(summary["median_residual_mm"], 3)}}
+        if mask:
+            entry["mask"] = {"path": str(Path(mask).resolve()), "sha256": path_fingerprint(mask)}
+        with atomic_path(folder / "manifest_entry.yml") as tmp:
+            tmp.write_text("# a ready entry for data_manifest.yml (set `brain` and make `path` relative to the manifest)\n"
+                           + yaml.safe_dump({"sections": [entry]}, sort_keys=False, width=120))
+        fig = _placed_figure(ref, pl.A, sec.shape, frame.xyz[pl.matches][pl.inliers],
+                             f"{Path(path).name}: {summary['inliers']} inliers ({summary['inlier_share']:.0%}), "
+                             f"median residual {summary['median_residual_mm']:.1f} mm")
+        save_figure(fig, folder, "placed")
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+        results.append(summary)
+    return {"sections": results, "series": series_consistency(results)}
+
+
+def series_consistency(results: list, max_angle_deg: float = 10.0) -> dict:
+    "Whether placed sections form a series: planes within `max_angle_deg` of parallel, in the order given."
+    if len(results) < 2:
+        return {"consistent": True, "message": "a single section"}
+    n = np.array([r["normal"] for r in results], np.float64)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    n = n * np.sign(n @ n[0])[:, None]  # one orientation
+    angles = [math.degrees(math.acos(min(1.0, abs(float(a @ n[0]))))) for a in n]
+    pos = np.array([r["centre_mm"] for r in results]) @ n.mean(0)  # (m,) along the mean normal
+    order_ok = bool(np.all(np.diff(pos) > 0) or np.all(np.diff(pos) < 0))
+    ok = max(angles) <= max_angle_deg and order_ok
+    msg = (f"largest angle to the first plane {max(angles):.1f} deg (limit {max_angle_deg:g}); positions along the "
+           f"normal {np.round(pos, 1).tolist()} mm: " + ("in the order given" if order_ok else "NOT in the order given"))
+    return {"consistent": ok, "angles_deg": angles, "positions_mm": pos.tolist(), "message": msg}
+
+
+def anchor_cli(args) -> int:
+    "`cytoclr anchor`: place unregistered images; exit 0 when every image is placed and the series is consistent."
+    if args.run:
+        run = Path(args.run)
+        ckpt = run / "checkpoints" / args.modality / args.method
+        frames = sorted((run / "anchoring" / "frames" / args.modality / args.method).glob("*"))
+        if not frames:
+            raise DataError(f"no {args.modality} frames of '{args.method}' in this run: run chapter 9 first "
+                            f"(cytoclr run --out {run} --only 09_anchoring)", file=run, field="--run")
+    else:
+        if not (args.checkpoint and args.frame):
+            raise DataError("give --run RUN, or both --checkpoint and --frame", field="--run")
+        ckpt, frames = Path(args.checkpoint), [Path(f) for f in args.frame]
+    from cytoclr.anchoring import Frame
+    encoder, cfg = encoder_from_checkpoint(ckpt)
+    frame = concat_frames([Frame.load(f) for f in frames])
+    res = anchor_images(args.images, args.modality, args.spacing_um, encoder, frame, args.out, masks=args.mask,
+                        method=cfg.method, grid_mm=args.grid_mm, threshold_mm=args.threshold_mm,
+                        min_inliers=args.min_inliers, progress=not args.no_progress)
+    for s in res["sections"]:
+        print(f"{s['image']}: placed; {s['inliers']} of {s['patches']} patches are inliers ({s['inlier_share']:.0%}), "
+              f"median residual {s['median_residual_mm']:.1f} mm; outputs in {Path(args.out) / Path(s['image']).name.split('.')[0]}")
+    print(f"series: {res['series']['message']}")
+    return 0 if res["series"]["consistent"] else 1

@@ -62,6 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--spacing-um", type=float, default=32.0, help="pixel size in micrometres")
     pe.add_argument("--modality", choices=["nissl", "pli", "both"], default="nissl", help="what to render")
     pe.add_argument("--seed", type=int, default=0, help="seed of the first brain")
+    pe.add_argument("--format", choices=["zarr", "tiff"], default="zarr",
+                    help="OME-Zarr (default) or a tiled pyramidal BigTIFF per section with a mask TIFF beside it")
+    pe.add_argument("--axis", choices=["coronal", "sagittal", "axial"], default="coronal", help="cutting axis")
+    pe.add_argument("--positions", type=float, nargs="+", metavar="MM",
+                    help="plane positions along the axis in mm (default: --sections planes evenly spread)")
+
+    a = sub.add_parser("anchor", help="place sections nobody has registered: anchor their patches, fit their affine",
+                       description="Place one or several sections (images without a transform) in the reference: "
+                                   "patches on a grid over the section's mask are embedded by a trained encoder, "
+                                   "anchored by cosine similarity in a reference frame (chapter 9), and a robust "
+                                   "affine fit with re-anchoring places the whole section (chapter 10). Writes per "
+                                   "image: matches.csv, affine.json, figures/placed.png and manifest_entry.yml. "
+                                   "Several images are checked as a series (parallel planes, in the order given). "
+                                   "Exit code 0: placed; 1: the series is inconsistent; 2: bad input or a fit that "
+                                   "is implausible or has too few inliers.")
+    a.add_argument("images", nargs="+", metavar="IMAGE", help="image files (OME-Zarr, TIFF/SVS, PNG/JPEG, NIfTI)")
+    a.add_argument("--modality", choices=["nissl", "pli"], required=True,
+                   help="what the images show (PLI: transmittance, retardation, direction in degrees)")
+    a.add_argument("--spacing-um", type=float, required=True, help="pixel size of the images in micrometres")
+    a.add_argument("--run", help="a run folder: its geodesic encoder of this modality and its saved frames (chapter 9)")
+    a.add_argument("--method", default="geodesic", help="with --run: which encoder of the run (default geodesic)")
+    a.add_argument("--checkpoint", help="instead of --run: a checkpoint file or folder (checkpoints/<modality>/<method>)")
+    a.add_argument("--frame", action="append", metavar="DIR",
+                   help="instead of --run: a saved reference frame folder (repeatable); it must come from the checkpoint")
+    a.add_argument("--mask", action="append", metavar="MASK",
+                   help="a cortex/tissue mask image per IMAGE (default: a tissue threshold of the image)")
+    a.add_argument("--out", required=True, help="output folder (one subfolder per image)")
+    a.add_argument("--grid-mm", type=float, default=1.0, help="spacing of the patch grid over the mask (default 1 mm)")
+    a.add_argument("--threshold-mm", type=float, default=5.0, help="inlier threshold of the affine fit (default 5 mm)")
+    a.add_argument("--min-inliers", type=int, default=20, help="fewer inliers than this: refuse the placement (default 20)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     c = sub.add_parser("clean", help="show or remove what runs and caches keep on disk",
                        description="Without options: list the disk used by the geodesic cache, run folders and the "
@@ -120,6 +151,9 @@ def main(argv=None) -> int:
         elif args.command == "phantom":
             from cytoclr.sections import export_phantom_cli
             return export_phantom_cli(args)
+        elif args.command == "anchor":
+            from cytoclr.alignment import anchor_cli
+            return anchor_cli(args)
         elif args.command == "clean":
             a = args.all
             return clean(cache=a or args.cache, runs=a or args.runs, build=a or args.build)

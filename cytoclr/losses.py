@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .core import DataError
 
 # %% auto #0
-__all__ = ['spatial_nce', 'label_weights', 'view_weights', 'clip_loss', 'gather_with_grad', 'gather_tensor',
-           'spatial_nce_distributed', 'geodesic_weights']
+__all__ = ['spatial_nce', 'label_weights', 'view_weights', 'clip_loss', 'clip_loss_distributed', 'gather_with_grad',
+           'gather_tensor', 'spatial_nce_distributed', 'geodesic_weights']
 
 # %% ../nbs/05_losses.ipynb #5fcd16a3
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -160,10 +160,13 @@ from .geodesic import geodesic_weights  # noqa: E402,F401  the spatial weighting
 _all_ = ["geodesic_weights"]  # nbdev: list the re-export in __all__
 
 # %% ../nbs/05_losses.ipynb #bf068ee3
-def clip_loss(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+def clip_loss(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.07, weights=None) -> torch.Tensor:
     """Symmetric CLIP loss for paired embeddings: z_a (n, d) and z_b (n, d), row i of each is one pair.
 
-    Mean of the cross-entropy a -> b (rows of the similarity matrix) and b -> a (columns).
+    Mean of the cross-entropy a -> b (rows of the similarity matrix) and b -> a (columns). `weights` (n, n),
+    non-negative, are soft targets (the pair itself and, e.g., geodesically close pairs as partial positives):
+    row i of a -> b targets weights[i] / sum(weights[i]), column j of b -> a targets weights[:, j] / sum(weights[:, j]);
+    None: the identity, plain CLIP. Rows or columns without weight drop out.
     """
     tau = _check_tau(tau)
     z_a, z_b = _check_z(z_a, "z_a", 1), _check_z(z_b, "z_b", 1)
@@ -173,8 +176,32 @@ def clip_loss(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.07) -> torch.
     za, zb = F.normalize(z_a.to(dtype), dim=1), F.normalize(z_b.to(dtype), dim=1)
     with torch.autocast(za.device.type, enabled=False):  # full precision even under mixed precision
         logits = (za * (1.0 / tau)) @ zb.T  # (n, n) cross-modal similarities
-        target = torch.arange(len(za), device=za.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        if weights is None:
+            target = torch.arange(len(za), device=za.device)
+            return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        w = _check_weights(weights, (len(za), len(za)), za.device, dtype)
+        out = []
+        for lg, ww in ((logits, w), (logits.T, w.T)):  # a -> b over rows, b -> a over columns
+            s = ww.sum(1)
+            ok = s > 0
+            t = ww[ok] / s[ok, None]  # (m, n) soft targets
+            out.append(-(t * F.log_softmax(lg[ok], 1)).sum(1).mean() if ok.any() else (lg * 0).sum())
+        return 0.5 * (out[0] + out[1])
+
+
+def clip_loss_distributed(z_a: torch.Tensor, z_b: torch.Tensor, keys=(), weight_fn=None, tau: float = 0.07,
+                          group=None) -> torch.Tensor:
+    """`clip_loss` over the global batch of all ranks: z_a, z_b (n_local, d) gathered with `gather_with_grad`,
+    `keys` gathered without gradient and handed to `weight_fn(*global_keys) -> (N, N)` soft targets (None: plain CLIP).
+    Every rank computes the same global loss; the gather's backward sums the ranks' gradients, so DDP's averaging of
+    parameter gradients gives exactly the gradient of the global loss."""
+    keys = keys if isinstance(keys, (tuple, list)) else (keys,)
+    keys = [torch.as_tensor(k, device=z_a.device) for k in keys]
+    _, world = _world(group)
+    if world > 1:
+        z_a, z_b = gather_with_grad(z_a, group), gather_with_grad(z_b, group)
+        keys = [gather_tensor(k, group) for k in keys]
+    return clip_loss(z_a, z_b, tau, None if weight_fn is None else weight_fn(*keys))
 
 # %% ../nbs/05_losses.ipynb #de1b6dd8
 def _world(group=None) -> tuple[int, int]:

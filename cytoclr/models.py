@@ -17,7 +17,7 @@ from .core import DataError
 # %% auto #0
 __all__ = ['MODALITY_CHANNELS', 'CHANNEL_NAMES', 'PLI_CHANNELS', 'NISSL_CHANNELS', 'ARCHS', 'encode_pli', 'PLIEncoding',
            'input_channels', 'BasicBlock', 'Bottleneck', 'ResNet', 'QuickEncoder', 'Encoder', 'build_encoder',
-           'count_parameters', 'ProjectionHead', 'ContrastiveModel', 'embed', 'measure_throughput']
+           'count_parameters', 'ProjectionHead', 'ContrastiveModel', 'PairModel', 'embed', 'measure_throughput']
 
 # %% ../nbs/06_models.ipynb #2c30fb27
 MODALITY_CHANNELS = {"nissl": 1, "pli": 3}  # channels of a patch as sections store it
@@ -233,6 +233,21 @@ class ContrastiveModel(nn.Module):
     def forward(self, x):
         h = self.encoder(x)  # (B, D)
         return h, self.head(h)  # (B, D), (B, P)
+
+
+class PairModel(nn.Module):
+    """A Nissl and a 3D-PLI `ContrastiveModel` side by side (chapter 11's CLIP-style model):
+    forward(x_nissl, x_pli) -> ((features, projections) of the Nissl patches, (features, projections) of the PLI ones)."""
+
+    def __init__(self, nissl: ContrastiveModel, pli: ContrastiveModel):
+        super().__init__()
+        if nissl.head.out_dim != pli.head.out_dim:
+            raise DataError(f"the two projections must share a space: {nissl.head.out_dim} vs {pli.head.out_dim} dims",
+                            field="proj_dim")
+        self.nissl, self.pli = nissl, pli
+
+    def forward(self, x_nissl, x_pli):
+        return self.nissl(x_nissl), self.pli(x_pli)
 
 # %% ../nbs/06_models.ipynb #b8d1137a
 def _images(batch):

@@ -15,9 +15,9 @@ from .reference import ReferenceBrain, load_hcp_s1200
 # %% auto #0
 __all__ = ['LAYERS', 'AREA_TYPES', 'GIANT_UM', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'ATLAS_SEED', 'VARIATION_DEFAULTS', 'AXES',
            'MODALITIES', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'TEXTURE_MM',
-           'TEX_SCALE', 'TEX_OFFSET', 'area_base_name', 'area_type_of', 'laminar_profile', 'hash_uniform',
-           'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection', 'poisson_table', 'depth_profile',
-           'area_type_index']
+           'TEX_SCALE', 'TEX_OFFSET', 'READ_TILE_PX', 'area_base_name', 'area_type_of', 'laminar_profile',
+           'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection', 'poisson_table',
+           'depth_profile', 'area_type_index']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
 LAYERS = ("I", "II", "III", "IV", "V", "VI")
@@ -1153,10 +1153,24 @@ def _pli(self, r0, r1, c0, c1, separable=None):
     return out
 
 
+READ_TILE_PX = 1 << 18  # pixels rendered at once: larger windows are rendered in strips of rows
+
+
 def _read(self, rows: slice, cols: slice) -> np.ndarray:
-    "Render a window: (channels, h, w) float32; intensities in [0, 1], PLI direction in degrees [0, 180)."
+    """Render a window: (channels, h, w) float32; intensities in [0, 1], PLI direction in degrees [0, 180).
+
+    A window of more than `READ_TILE_PX` pixels (a 2048 px patch at 2 um/px has 4 M) is rendered in strips of rows:
+    every pixel is a function of the section alone, so the bits are the same, while the renderer's temporaries
+    (about 200 bytes per pixel) stay bounded and small enough to be reused rather than paged in afresh."""
     r0, r1, c0, c1 = _window(self, rows, cols)
     h, w = r1 - r0, c1 - c0
+    step = max(1, READ_TILE_PX // w)  # rows per strip
+    if h > step:
+        out = np.empty((self.channels, h, w), np.float32)
+        for a in range(r0, r1, step):
+            b = min(a + step, r1)
+            out[:, a - r0:b - r0] = _read(self, slice(a, b), slice(c0, c1))
+        return out
     if self.modality == "nissl":
         if self.spacing_um < self._b.variation["stamp_below_um"]:
             img = _nissl_stamps(self, r0, r1, c0, c1)

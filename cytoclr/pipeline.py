@@ -9,6 +9,7 @@ import ast
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -27,7 +28,7 @@ from .core import (CHAPTER_ENV, STATUS_ENV, DataError, PipelineError, atomic_pat
 # %% auto #0
 __all__ = ['PROFILE_DIR', 'CHAPTER_RE', 'load_profile', 'find_project_root', 'list_chapters', 'declared_parameters',
            'is_path_param', 'input_fingerprint', 'run_pipeline', 'terminal_text', 'prepare_page', 'page_replacements',
-           'toc_chapters', 'build_book']
+           'run_summary', 'add_run_summary', 'toc_chapters', 'build_book']
 
 # %% ../nbs/12_pipeline.ipynb #f1cce474
 PROFILE_DIR = Path(__file__).parent / "profiles" if "__file__" in globals() else Path("../cytoclr/profiles")
@@ -412,6 +413,89 @@ def page_replacements(run_dir, root, nb_json: dict | None = None) -> dict:
         reps.setdefault(str(h), "~")
     return {k: v for k, v in reps.items() if os.path.isabs(k) and len(k) > 1}
 
+# %% ../nbs/12_pipeline.ipynb #a7c1e5d2
+def _f(x, fmt="{:.2f}"):
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _ci(sc: dict, key: str, fmt="{:.2f}") -> str:
+    "A score with its 95% interval, if it has one."
+    ci = (sc.get("ci95") or {}).get(key)
+    return _f(sc.get(key), fmt) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+
+
+def run_summary(metrics: dict, state: dict | None = None) -> str:
+    """A markdown summary of a run's `metrics.json` (and `pipeline_state.json`): what the front page shows, built
+    when the book is built so that it always describes the run the book shows."""
+    m, lines = metrics or {}, []
+    when = max((c.get("finished", "") for c in ((state or {}).get("chapters") or {}).values()), default="")
+    secs = {k: v for k, v in m.get("seconds", {}).items() if CHAPTER_RE.match(f"{k}.ipynb")}  # chapters only
+    prov = m.get("provenance", {})
+    lines.append(f"**This run**: profile `{m.get('profile', '?')}`, finished {when or 'unknown'}, "
+                 f"{sum(secs.values()) / 60:.1f} minutes of chapter time"
+                 + (f", commit `{str(prov.get('commit'))[:10]}`" + (" (with local changes)" if prov.get("dirty") else "")
+                    if prov.get("commit") else "") + ".")
+    if secs:
+        lines += ["", "| chapter | " + " | ".join(secs) + " |", "|---|" + "---|" * len(secs),
+                  "| seconds | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " |"]
+    tr = m.get("training", {})
+    if tr:
+        lines += ["", "**Training** (final loss, images/s)", "", "| modality | method | final loss | images/s | steps |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {mod} | {meth} | {_f(v.get('final_loss'), '{:.3f}')} | {_f(v.get('images_per_second'), '{:.0f}')} "
+                  f"| {v.get('steps', '–')} |" for mod, per in tr.items() for meth, v in per.items()]
+    mp = m.get("mapping", {})
+    for mod, per in mp.items():
+        lines += ["", f"**Mapping** ({mod}: which area? linear probe accuracy, 95% interval over sections)", "",
+                  "| encoder or baseline | held-out sections | unseen brain |", "|---|---|---|"]
+        lines += [f"| {n} | {_ci(v.get('heldout_sections', {}), 'accuracy')} | {_ci(v.get('unseen_brain', {}), 'accuracy')} |"
+                  for n, v in per.items()]
+    for key, title in (("anchoring", "Anchoring, the posters' setting"), ("anchoring_unseen_brain", "Anchoring an unseen brain")):
+        an = {k: v for k, v in m.get(key, {}).items() if k != "protocol"}
+        for mod, per in an.items():
+            lines += ["", f"**{title}** ({mod}, registered truth: share within 5 mm, median error in mm"
+                      + ("; after whole-section alignment" if any("after_alignment" in v for v in per.values()) else "") + ")",
+                      "", "| encoder or baseline | within 5 mm | median mm | top-5 | after alignment: within 5 mm |",
+                      "|---|---|---|---|---|"]
+            for n, v in per.items():
+                r, a = v.get("registered", {}), v.get("after_alignment", {})
+                lines.append(f"| {n} | {_ci(r, 'within_5mm')} | {_f(r.get('median_error_mm'), '{:.1f}')} | "
+                             f"{_f(r.get('top5'))} | {_f(a.get('within_5mm')) if a else '–'} |")
+    al = m.get("alignment", {})
+    for mod, per in al.items():
+        lines += ["", f"**Whole-section alignment** ({mod}, registered truth: medians over the placed test sections)", "",
+                  "| encoder | placed | point error mm | plane angle deg |", "|---|---|---|---|"]
+        for n, v in per.items():
+            r = v.get("registered", {})
+            lines.append(f"| {n} | {r.get('sections_placed', 0)}/{r.get('sections', 0)} | "
+                         f"{_f(r.get('median_point_error_mm'))} | {_f(r.get('plane_angle_error_deg'))} |")
+    mm = m.get("multimodal", {})
+    models = [k for k, v in mm.items() if isinstance(v, dict) and "pli_to_nissl" in v]
+    if models:
+        lines += ["", "**Multi-modal** (retrieval within a test plane: top-1 / top-5)", "",
+                  "| model | PLI -> Nissl | Nissl -> PLI |", "|---|---|---|"]
+        lines += [f"| {n} | {_f(mm[n]['pli_to_nissl'].get('top1'))} / {_f(mm[n]['pli_to_nissl'].get('top5'))} | "
+                  f"{_f(mm[n]['nissl_to_pli'].get('top1'))} / {_f(mm[n]['nissl_to_pli'].get('top5'))} |" for n in models]
+        pr = mm.get("prediction")
+        if pr:
+            lines += ["", f"Predicting low-resolution PLI from a Nissl embedding (mean squared error): decoder "
+                          f"{_f(pr['decoder']['mse'], '{:.4f}')}, mean patch {_f(pr['mean_patch']['mse'], '{:.4f}')}, "
+                          f"nearest training pair {_f(pr['nearest_pair']['mse'], '{:.4f}')}."]
+    lines += ["", "Every number is computed by the chapters of this run; the chapters explain how, with their intervals "
+                  "and baselines."]
+    return "\n".join(lines) + "\n"
+
+
+def add_run_summary(page: dict, metrics: dict, state: dict | None = None, marker: str = "## How to run") -> dict:
+    "The front page with a `## This run's results` section (`run_summary`) inserted before `marker` (or at the end)."
+    cell = {"cell_type": "markdown", "id": "runsumm0", "metadata": {},
+            "source": ("## This run's results\n\n" + run_summary(metrics, state)).splitlines(keepends=True)}
+    cells = list(page["cells"])
+    at = next((i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and marker in "".join(c["source"])),
+              len(cells))
+    return {**page, "cells": cells[:at] + [cell] + cells[at:]}
+
+
 # %% ../nbs/12_pipeline.ipynb #4591089a
 def toc_chapters(toc_path) -> list[str]:
     "Chapter file stems of a Jupyter Book `_toc.yml`, root first."
@@ -443,6 +527,8 @@ def build_book(run_dir, out="_build", root=None, progress: bool = True) -> Path:
             executed = root / "nbs" / f"{stem}.ipynb"  # shown without outputs
         nb = json.loads(executed.read_text())  # a page fit to read (prepare_page); nbs/ and the run stay as they are
         page = prepare_page(nb, page_replacements(run_dir, root, nb))
+        if stem == "index":  # the front page summarises the run it shows, built now, after every chapter ran
+            page = add_run_summary(page, read_json(run_dir / "metrics.json", {}), read_json(run_dir / "pipeline_state.json", {}))
         (src / f"{stem}.ipynb").write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
     if missing:
         print(f"warning: not executed in {run_dir}, shown without outputs: {missing}", file=sys.stderr)

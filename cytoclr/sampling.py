@@ -20,8 +20,9 @@ from .core import progress as progress_bar
 
 # %% auto #0
 __all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'PLI_DIRECTION', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations',
-           'grid_locations', 'section_background', 'extract_patch', 'Augment', 'PatchDataset', 'straight_line',
-           'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances', 'NeighbourhoodBatchSampler']
+           'mask_grid', 'grid_locations', 'section_background', 'extract_patch', 'Augment', 'PatchDataset',
+           'straight_line', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
+           'NeighbourhoodBatchSampler']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass
@@ -223,29 +224,35 @@ def _as_samples(sections, sec_idx, rc, xyz, hemi, vertex, area, depth, ref) -> S
                    depth=depth.astype(np.float64), surface_xyz=surface_xyz, atlas_area=atlas_area.astype(np.int64))
 
 
-def grid_locations(sections: list, step_mm: float, ref, level: int | str = "auto", near_mm: float = 3.0) -> Samples:
-    """Patch centres on a regular square grid of `step_mm` over the cortex of each section (a reference frame, chapter 9).
-
-    Grid points whose cortex-mask cell is cortex, mapped to the reference and kept near a cortical column as in
-    `sample_locations`; deterministic (no randomness), in section order then row-major."""
-    sections = _check_sections(sections)
+def mask_grid(section, step_mm: float, level: int | str = "auto") -> np.ndarray:
+    """Pixel positions (p, 2) (row, col) of a regular square grid of `step_mm` whose cells of the section's
+    `cortex_mask` are set, half a step from the edges: patch centres of a frame, or of a section without a transform."""
     try:
         step_mm = float(step_mm)
     except (TypeError, ValueError):
         raise DataError(f"step_mm must be a number, got {step_mm!r}", field="step_mm") from None
     if not (math.isfinite(step_mm) and step_mm > 0):
         raise DataError(f"step_mm must be finite and > 0, got {step_mm}", field="step_mm")
+    lv = sampling_level(section, level)
+    m = np.asarray(section.cortex_mask(lv))
+    step_px = step_mm * 1000.0 / float(section.spacing_um)  # grid step in full-resolution pixels
+    r = np.arange(step_px / 2, section.shape[0] - 0.5, step_px)
+    c = np.arange(step_px / 2, section.shape[1] - 0.5, step_px)
+    R, C = (g.ravel() for g in np.meshgrid(r, c, indexing="ij"))
+    inside = m[np.minimum((R / 2 ** lv).astype(np.int64), m.shape[0] - 1),
+               np.minimum((C / 2 ** lv).astype(np.int64), m.shape[1] - 1)]
+    return np.stack([R[inside], C[inside]], 1)
+
+
+def grid_locations(sections: list, step_mm: float, ref, level: int | str = "auto", near_mm: float = 3.0) -> Samples:
+    """Patch centres on a regular square grid of `step_mm` over the cortex of each section (a reference frame, chapter 9).
+
+    Grid points whose cortex-mask cell is cortex, mapped to the reference and kept near a cortical column as in
+    `sample_locations`; deterministic (no randomness), in section order then row-major."""
+    sections = _check_sections(sections)
     parts = []
     for i, sec in enumerate(sections):
-        lv = sampling_level(sec, level)
-        m = np.asarray(sec.cortex_mask(lv))
-        step_px = step_mm * 1000.0 / float(sec.spacing_um)  # grid step in full-resolution pixels
-        r = np.arange(step_px / 2, sec.shape[0] - 0.5, step_px)
-        c = np.arange(step_px / 2, sec.shape[1] - 0.5, step_px)
-        R, C = (g.ravel() for g in np.meshgrid(r, c, indexing="ij"))
-        inside = m[np.minimum((R / 2 ** lv).astype(np.int64), m.shape[0] - 1),
-                   np.minimum((C / 2 ** lv).astype(np.int64), m.shape[1] - 1)]
-        rc = np.stack([R[inside], C[inside]], 1)  # (p, 2) grid points on cortex
+        rc = mask_grid(sec, step_mm, level)  # (p, 2) grid points on cortex
         if len(rc):
             parts.append((np.full(len(rc), i, np.int64), rc))
     if not parts:

@@ -25,9 +25,10 @@ from .reference import load_reference
 # %% auto #0
 __all__ = ['MODALITIES', 'FILL', 'SPLITS', 'Section', 'mask_shape', 'to_reference', 'from_reference', 'check_affine',
            'ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image', 'ImageMask',
-           'PolygonMask', 'ReferenceMask', 'ImageSection', 'Problem', 'SectionEntry', 'PhantomSectionProxy', 'Manifest',
-           'load_manifest', 'sections_of_split', 'manifest_fingerprint', 'validate_manifest', 'check_manifest_cli',
-           'phantom_y_positions', 'default_splits', 'write_section_zarr', 'export_phantom', 'export_phantom_cli']
+           'PolygonMask', 'ReferenceMask', 'TissueMask', 'ImageSection', 'Problem', 'SectionEntry',
+           'PhantomSectionProxy', 'Manifest', 'load_manifest', 'sections_of_split', 'manifest_fingerprint',
+           'validate_manifest', 'check_manifest_cli', 'phantom_y_positions', 'default_splits', 'write_section_zarr',
+           'write_section_tiff', 'plane_positions', 'export_phantom', 'export_phantom_cli']
 
 # %% ../nbs/02_sections.ipynb #73261751
 MODALITIES = {"nissl": ("intensity",), "pli": ("transmittance", "retardation", "direction")}
@@ -485,6 +486,40 @@ class ReferenceMask:
         return ref.locate(xyz).inside.reshape(h, w)
 
 
+class TissueMask:
+    """Where the tissue is, for a section with neither a mask nor a transform: a threshold between tissue and glass
+    (Otsu's, on a coarse pyramid level of the intensity or PLI transmittance), optionally eroded by `margin_px`."""
+
+    def __init__(self, reader: ImageReader, modality: str, max_side: int = 1024, margin_px: int = 0):
+        self.reader, self.modality, self.max_side, self.margin_px = reader, modality, int(max_side), int(margin_px)
+        self._coarse = None
+
+    def _tissue(self) -> tuple[np.ndarray, int]:
+        "(tissue mask of a coarse level, that level's downsampling exponent)."
+        if self._coarse is None:
+            from skimage.filters import threshold_otsu
+            lv = min(range(len(self.reader.levels)), key=lambda i: abs(max(self.reader.levels[i]) - self.max_side))
+            h, w = self.reader.levels[lv]
+            step = max(1, math.ceil(max(h, w) / self.max_side))  # subsample a large level to about max_side
+            img = _to_float(self.reader.read(slice(0, h), slice(0, w), lv), self.modality)[0, ::step, ::step]
+            t = threshold_otsu(img) if np.ptp(img) > 0 else np.inf
+            tissue = img < t  # tissue is darker (Nissl) or less transmitting (PLI) than empty glass
+            if self.margin_px:
+                from scipy.ndimage import binary_erosion
+                tissue = binary_erosion(tissue, iterations=max(1, self.margin_px // (step * 2 ** lv or 1)))
+            scale = self.reader.shape[0] / tissue.shape[0]
+            self._coarse = (tissue, float(scale))
+        return self._coarse
+
+    def __call__(self, shape, level: int) -> np.ndarray:
+        tissue, scale = self._tissue()
+        h, w = mask_shape(shape, level)
+        k = 2 ** level
+        r = np.minimum(((np.arange(h) + 0.5) * k / scale).astype(np.int64), tissue.shape[0] - 1)
+        c = np.minimum(((np.arange(w) + 0.5) * k / scale).astype(np.int64), tissue.shape[1] - 1)
+        return tissue[r[:, None], c[None, :]]
+
+
 class ImageSection:
     "A section stored in an image file: lazy windowed reads, an affine into the reference, a cortex mask."
 
@@ -496,9 +531,16 @@ class ImageSection:
         if image.channels != len(MODALITIES[modality]):
             raise DataError(f"{modality} needs {len(MODALITIES[modality])} channel(s), the image has {image.channels}",
                             file=image.path, field=field)
-        A, errors, _ = check_affine(affine, spacing_um)
-        if errors:
-            raise DataError(f"transform {errors[0]}", file=image.path, field=f"{field}.transform" if field else "transform")
+        if not (isinstance(spacing_um, (int, float)) and not isinstance(spacing_um, bool) and spacing_um > 0):
+            raise DataError(f"spacing_um must be a number > 0, got {spacing_um!r}", file=image.path, field="spacing_um")
+        A = None  # an unregistered section (nobody knows where it lies yet: chapter 10 places it)
+        if affine is not None:
+            A, errors, _ = check_affine(affine, spacing_um)
+            if errors:
+                raise DataError(f"transform {errors[0]}", file=image.path, field=f"{field}.transform" if field else "transform")
+        if A is None and isinstance(mask, ReferenceMask):
+            raise DataError("an unregistered section needs its own mask (an image, a polygon or a TissueMask), not "
+                            "one from the reference", file=image.path, field="mask")
         self.image, self.modality, self.spacing_um, self.affine = image, modality, float(spacing_um), A
         self.mask, self.brain, self.section, self.field, self.series = mask, brain, section, field, series
         self.id = id or (f"{brain}/{Path(image.path).name}" if brain else Path(image.path).name)
@@ -534,12 +576,24 @@ class ImageSection:
             out[:, ra - r0:rb - r0, ca - c0:cb - c0] = _to_float(self.read_raw(slice(ra, rb), slice(ca, cb), level), self.modality)
         return out
 
+    @property
+    def registered(self) -> bool:
+        "Whether the section has a transform into the reference."
+        return self.affine is not None
+
+    def _need_affine(self):
+        if self.affine is None:
+            raise DataError("the section is not registered (no transform): place it first with `cytoclr anchor`",
+                            file=self.source, field="transform")
+
     def to_reference(self, rc) -> np.ndarray:
         "Pixel (row, col) (n, 2) -> reference (x, y, z) mm (n, 3)."
+        self._need_affine()
         return to_reference(self.affine, rc)
 
     def from_reference(self, xyz) -> np.ndarray:
         "Reference (n, 3) mm -> pixel (row, col) (n, 2) of the projection on the section plane."
+        self._need_affine()
         return from_reference(self.affine, xyz)
 
     def cortex_mask(self, level: int = 0) -> np.ndarray:
@@ -1315,6 +1369,56 @@ def write_section_zarr(sec, path, chunk: int = 256, name: str = "", block: int =
     return path
 
 
+def write_section_tiff(sec, path, chunk: int = 256, block: int = 1024, max_mask_px: int = 2 ** 24) -> tuple[Path, Path]:
+    """Render a section into a tiled, pyramidal BigTIFF at `path` (as slide scanners write them: level 0 plus 2x
+    downsampled sub-resolution levels, zlib tiles; PLI as three planar channels) and its cortex mask into
+    `<stem>_mask.tif` (uint8 pyramid from the finest level with at most `max_mask_px` pixels). Returns both paths."""
+    import tifffile
+    path = Path(path)
+    H, W = sec.shape
+    C = int(sec.channels)
+    n = _n_levels((H, W), chunk)
+    lv0 = np.empty((C, H, W), np.float32)  # rendered block by block (a phantom section is lazy)
+    for r0 in range(0, H, block):
+        for c0 in range(0, W, block):
+            r1, c1 = min(H, r0 + block), min(W, c0 + block)
+            lv0[:, r0:r1, c0:c1] = np.asarray(sec.read(slice(r0, r1), slice(c0, c1)), np.float32)
+    levels = [lv0]
+    for _ in range(1, n):
+        levels.append(_downsample2(levels[-1]))
+    kw = dict(tile=(chunk, chunk), compression="zlib", photometric="minisblack")
+    if C > 1:
+        kw["planarconfig"] = "separate"
+    prep = lambda a: a[0] if C == 1 else a
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(prep(levels[0]), subifds=n - 1, metadata=None, **kw)
+        for a in levels[1:]:
+            tif.write(prep(a), subfiletype=1, metadata=None, **kw)
+    mask_path = path.with_name(path.name.split(".")[0] + "_mask.tif")
+    n_mask = _n_levels((H, W), 32)
+    first = next(l for l in range(n_mask) if np.prod(mask_shape((H, W), l)) <= max_mask_px)
+    masks = [np.asarray(sec.cortex_mask(l), np.uint8) * 255 for l in range(first, n_mask)]
+    with tifffile.TiffWriter(mask_path, bigtiff=True) as tif:
+        tif.write(masks[0], subifds=len(masks) - 1, tile=(min(chunk, 256), min(chunk, 256)), compression="zlib",
+                  photometric="minisblack", metadata=None)
+        for m in masks[1:]:
+            tif.write(m, subfiletype=1, tile=(min(chunk, 256), min(chunk, 256)), compression="zlib",
+                      photometric="minisblack", metadata=None)
+    return path, mask_path
+
+
+def plane_positions(ref, axis: str, n: int, margin_mm: float = 25.0) -> list[float]:
+    "n positions (mm along the cutting axis) evenly spread over the reference cortex, `margin_mm` from its ends."
+    if axis == "coronal":
+        return phantom_y_positions(ref, n, margin_mm)
+    k = {"sagittal": 0, "axial": 2}.get(axis)
+    if k is None:
+        raise DataError(f"unknown axis {axis!r}: expected coronal, sagittal or axial", field="--axis")
+    v = np.concatenate([ref.mid[h][:, k] for h in ref.hemis])
+    lo, hi = v.min() + margin_mm, v.max() - margin_mm
+    return [round(float(y), 2) for y in (np.linspace(lo, hi, n) if n > 1 else [(lo + hi) / 2])]
+
+
 class _PlainDumper(yaml.SafeDumper):
     "Safe YAML without anchors and aliases (`&id001`), which readers of a manifest should not have to know."
 
@@ -1327,8 +1431,11 @@ def _rm(p: Path):
 
 
 def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 32.0, modality: str = "nissl",
-                   seed: int = 0, chunk: int = 256, progress: bool = True, ref=None, brain_factory=None) -> Path:
-    "Write phantom sections as OME-Zarr plus `data_manifest.yml` into `out` (atomic, resumable); return the manifest path."
+                   seed: int = 0, chunk: int = 256, progress: bool = True, ref=None, brain_factory=None,
+                   format: str = "zarr", axis: str = "coronal", positions=None) -> Path:
+    """Write phantom sections as OME-Zarr (or tiled pyramidal TIFF with a mask TIFF, `format="tiff"`) plus
+    `data_manifest.yml` into `out` (atomic, resumable); planes along `axis` at `positions` (mm along the cutting
+    axis; default: `sections` evenly spread). Returns the manifest path."""
     from tqdm import tqdm  # plain text bar: works in a shell and a notebook alike
     from cytoclr.core import write_json_atomic  # noqa: F401 (core: every module may use it)
     out = Path(out)
@@ -1339,11 +1446,14 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
         raise DataError(f"must be > 0, got {spacing_um}", field="--spacing-um")
     if modality not in ("nissl", "pli", "both"):
         raise DataError(f"must be nissl, pli or both, got {modality!r}", field="--modality")
+    if format not in ("zarr", "tiff"):
+        raise DataError(f"must be zarr or tiff, got {format!r}", field="--format")
     if brain_factory is None:
         from cytoclr.phantom import PhantomBrain as brain_factory  # brain_factory(seed=, ref=) -> PhantomBrain
     out.mkdir(parents=True, exist_ok=True)
     params = {"brains": int(brains), "sections": int(sections), "spacing_um": float(spacing_um), "modality": modality,
-              "seed": int(seed), "chunk": int(chunk), "format": 1}
+              "seed": int(seed), "chunk": int(chunk), "format": 1, "file_format": format, "axis": axis,
+              "positions": None if positions is None else [float(p) for p in positions]}
     state_path = out / ".cytoclr-export.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"params": params, "done": {}}
     if state.get("params") != params:
@@ -1356,24 +1466,32 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
         _rm(t)
     ref = ref if ref is not None else load_reference()
     mods = ["nissl", "pli"] if modality == "both" else [modality]
-    ys = phantom_y_positions(ref, int(sections))
+    ys = [float(p) for p in positions] if positions is not None else plane_positions(ref, axis, int(sections))
     bids = [f"phantom-{seed + b}" for b in range(brains)]
     jobs = [(b, seed + bi, m, j, y) for bi, b in enumerate(bids) for m in mods for j, y in enumerate(ys)]
     cache, entries = {}, []
     bar = tqdm(jobs, desc="phantom export", unit="section", disable=not progress)
     for bid, bseed, mod, j, y in bar:
-        sid, rel = f"{bid}/{mod}/{j:03d}", f"{bid}/{mod}_{j:03d}.ome.zarr"
+        sid = f"{bid}/{mod}/{j:03d}"
+        rel = f"{bid}/{mod}_{j:03d}.ome.zarr" if format == "zarr" else f"{bid}/{mod}_{j:03d}.tif"
+        mask_rel = f"{rel}/labels/cortex" if format == "zarr" else f"{bid}/{mod}_{j:03d}_mask.tif"
         final = out / rel
         done = state["done"].get(rel)
-        if not (done and final.is_dir() and path_fingerprint(final) == done["sha256"]):
+        if not (done and final.exists() and path_fingerprint(final) == done["sha256"]
+                and (format == "zarr" or (out / mask_rel).exists())):
             bar.set_postfix_str(sid)
             if bid not in cache:
                 cache = {bid: brain_factory(seed=bseed, ref=ref)}  # one brain in memory at a time
-            sec = cache[bid].section(index=j, y_mm=y, spacing_um=float(spacing_um), modality=mod)
+            sec = cache[bid].section(index=j, y_mm=y, axis=axis, spacing_um=float(spacing_um), modality=mod)
             tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
-                write_section_zarr(sec, tmp, chunk=chunk, name=sid)
+                if format == "zarr":
+                    write_section_zarr(sec, tmp, chunk=chunk, name=sid)
+                else:
+                    tmp = tmp.with_suffix(".tif")
+                    _, mtmp = write_section_tiff(sec, tmp, chunk=chunk)
+                    os.replace(mtmp, out / mask_rel)
                 digest = path_fingerprint(tmp)
                 if final.exists():
                     _rm(final)
@@ -1387,13 +1505,14 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
             write_json_atomic(state_path, state)
         entries.append({"id": sid, "brain": bid, "index": j, "modality": mod, "spacing_um": float(spacing_um),
                         "path": rel, "sha256": done["sha256"], "transform": {"affine": done["affine"]},
-                        "mask": {"path": f"{rel}/labels/cortex"},
-                        "provenance": {"phantom": {"seed": bseed, "y_mm": y, "axis": "coronal"}}})
+                        "mask": {"path": mask_rel},
+                        "provenance": {"phantom": {"seed": bseed, "y_mm": y, "axis": axis}}})
     manifest = {"reference": {"name": "hcp-s1200"},
                 "brains": [{"id": b, "phantom": {"seed": seed + i}} for i, b in enumerate(bids)],
                 "sections": entries, "splits": default_splits(bids, int(sections))}
     head = (f"# Phantom sections written by: cytoclr phantom export --brains {brains} --sections {sections} "
-            f"--spacing-um {spacing_um:g} --modality {modality} --seed {seed}\n# Paths are relative to this file.\n")
+            f"--spacing-um {spacing_um:g} --modality {modality} --seed {seed} --format {format} --axis {axis}\n"
+            "# Paths are relative to this file.\n")
     path = out / "data_manifest.yml"
     with atomic_path(path) as tmp:
         tmp.write_text(head + yaml.dump(manifest, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None, width=120))
@@ -1403,7 +1522,8 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
 def export_phantom_cli(args) -> int:
     "`cytoclr phantom export`: render, write, print where the manifest is."
     path = export_phantom(args.out, brains=args.brains, sections=args.sections, spacing_um=args.spacing_um,
-                          modality=args.modality, seed=args.seed)
+                          modality=args.modality, seed=args.seed, format=args.format, axis=args.axis,
+                          positions=args.positions)
     n = len(load_manifest(path).entries)
     print(f"wrote {n} phantom sections and {path}; check them with: cytoclr data check {path}")
     return 0

@@ -26,21 +26,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .losses import label_weights, spatial_nce_distributed, view_weights
+from .losses import clip_loss_distributed, label_weights, spatial_nce_distributed, view_weights
 from .core import (DataError, atomic_path, parse_assignment, read_yaml_mapping, source_fingerprint,
                           update_metrics)
 
 # %% auto #0
-__all__ = ['METHODS', 'MODALITIES', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig', 'make_weighting',
-           'lr_factor', 'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything', 'build_model',
-           'make_optimizer', 'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint', 'TrainingDiverged',
-           'TrainResult', 'read_log', 'resume_mismatch', 'train', 'load_model', 'load_encoder', 'DataConfig',
-           'run_identity', 'spread', 'load_training_samples', 'build_data', 'surface_distances', 'split_config',
-           'build_parser', 'main']
+__all__ = ['METHODS', 'MODALITIES', 'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig',
+           'make_weighting', 'lr_factor', 'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything',
+           'build_model', 'make_optimizer', 'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint',
+           'TrainingDiverged', 'TrainResult', 'read_log', 'resume_mismatch', 'train', 'load_model', 'load_encoder',
+           'DataConfig', 'run_identity', 'spread', 'load_training_samples', 'build_data', 'surface_distances',
+           'split_config', 'build_parser', 'main']
 
 # %% ../nbs/07_training.ipynb #994889c2
-METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random")  # "random": an untrained, seeded encoder
-MODALITIES = ("nissl", "pli")
+METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random", "clip", "clip_geodesic")  # "random": untrained
+MODALITIES = ("nissl", "pli", "multimodal")  # "multimodal": a Nissl and a PLI encoder trained together (chapter 11)
+CLIP_METHODS = ("clip", "clip_geodesic")  # cross-modal: paired Nissl and PLI patches, the CLIP loss
 
 
 @dataclass
@@ -104,6 +105,10 @@ class TrainConfig:
             bad("views", "must be 1 or 2")
         if self.method == "simclr" and self.views != 2:
             bad("views", "simclr learns from two views of each location: views must be 2")
+        if (self.method in CLIP_METHODS) != (self.modality == "multimodal"):
+            bad("modality", "the CLIP methods train the 'multimodal' pair of encoders, the others one modality")
+        if self.method in CLIP_METHODS and self.views != 1:
+            bad("views", "a CLIP method pairs one Nissl and one PLI view of each location: views must be 1")
         if self.weight_kind not in ("gaussian", "threshold"):
             bad("weight_kind", "must be 'gaussian' or 'threshold'")
         if self.amp not in ("auto", "bf16", "none"):
@@ -150,7 +155,11 @@ def make_weighting(method: str, sigma_mm: float = 5.0, kind: str = "gaussian", d
         return ("area",), fn
     if method == "simclr":
         return ("index",), lambda index: view_weights(index)
-    raise DataError(f"no weighting for method '{method}'; expected one of {METHODS[:4]}", field="method")
+    if method == "clip":  # only the pair itself is a positive: plain CLIP
+        return ("index",), lambda index: view_weights(index)
+    if method == "clip_geodesic":  # geodesic soft targets: pairs at nearby places are partial positives
+        return make_weighting("geodesic", sigma_mm, kind, distances)
+    raise DataError(f"no weighting for method '{method}'; expected one of {METHODS}", field="method")
 
 # %% ../nbs/07_training.ipynb #ac183f14
 def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -252,10 +261,11 @@ def seed_everything(seed: int):
 # %% ../nbs/07_training.ipynb #1a3d5832
 def build_model(cfg: TrainConfig) -> nn.Module:
     "Encoder + projection head of `cfg` (cytoclr.models), initialised from `cfg.seed`."
-    from cytoclr.models import ContrastiveModel, ProjectionHead, build_encoder
+    from cytoclr.models import ContrastiveModel, PairModel, ProjectionHead, build_encoder
     torch.manual_seed(cfg.seed)
-    enc = build_encoder(cfg.arch, modality=cfg.modality, width=cfg.width)
-    return ContrastiveModel(enc, ProjectionHead(enc.out_dim, cfg.proj_hidden, cfg.proj_dim))
+    one = lambda modality: (lambda enc: ContrastiveModel(enc, ProjectionHead(enc.out_dim, cfg.proj_hidden, cfg.proj_dim)))(
+        build_encoder(cfg.arch, modality=modality, width=cfg.width))
+    return PairModel(one("nissl"), one("pli")) if cfg.modality == "multimodal" else one(cfg.modality)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig):
@@ -351,6 +361,16 @@ def _to_batch(batch: dict, keys, device) -> tuple[torch.Tensor, list]:
         t = torch.as_tensor(np.asarray(batch[k]) if not isinstance(batch[k], torch.Tensor) else batch[k])
         out.append(t.repeat_interleave(v, dim=0).to(device))  # (B*V, ...)
     return x.to(device, non_blocking=True), out
+
+
+def _to_pair_batch(batch: dict, keys, device) -> tuple[torch.Tensor, torch.Tensor, list]:
+    "Nissl images (B, 1, H, W), PLI images (B, 3, H, W) and the key tensors (B, ...) of a paired batch, on `device`."
+    for k in ("image", "image_pli", *keys):
+        if k not in batch:
+            raise DataError(f"a paired batch needs the field '{k}' (fields: {sorted(batch)})", field=k)
+    kv = [torch.as_tensor(np.asarray(batch[k]) if not isinstance(batch[k], torch.Tensor) else batch[k]).to(device)
+          for k in keys]
+    return torch.as_tensor(batch["image"]).to(device), torch.as_tensor(batch["image_pli"]).to(device), kv
 
 
 def _autocast(device: torch.device, amp: str):
@@ -500,14 +520,24 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
         while step < cfg.steps:
             t0 = time.perf_counter()
             for batch in data.epoch(epoch, pos):
-                x, kv = _to_batch(batch, keys, device)  # (B*V, C, H, W), keys (B*V, ...)
-                with _autocast(device, cfg.amp):
-                    _, proj = net(x)  # (B*V, D)
-                z = proj.float()
+                if cfg.method in CLIP_METHODS:  # one Nissl and one PLI patch of each location
+                    xa, xb, kv = _to_pair_batch(batch, keys, device)
+                    with _autocast(device, cfg.amp):
+                        (_, za), (_, zb) = net(xa, xb)  # (B, D) each
+                    za, zb = za.float(), zb.float()
+                    z, x = torch.cat([za, zb]), torch.cat([xa.flatten(1)[:, :1], xb.flatten(1)[:, :1]])
+                else:
+                    x, kv = _to_batch(batch, keys, device)  # (B*V, C, H, W), keys (B*V, ...)
+                    with _autocast(device, cfg.amp):
+                        _, proj = net(x)  # (B*V, D)
+                    z = proj.float()
                 if not _all_true(bool(torch.isfinite(z).all()), world, device):
                     raise TrainingDiverged(f"non-finite embeddings at {_where(step, cfg, sched)}: check the input "
                                            f"images or lower lr; {_last_good(ckpt)}")
-                loss = spatial_nce_distributed(z, kv, weight_fn, cfg.tau)
+                if cfg.method in CLIP_METHODS:
+                    loss = clip_loss_distributed(za, zb, kv, weight_fn, cfg.tau)
+                else:
+                    loss = spatial_nce_distributed(z, kv, weight_fn, cfg.tau)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

@@ -27,3 +27,8 @@ def ref():
     "The embedded HCP S1200 reference brain (loaded once per test session)."
     from cytoclr.reference import load_hcp_s1200
     return load_hcp_s1200()
+
+
+def pytest_configure(config):
+    "Markers of this suite: `slow` tests run only when CYTOCLR_SLOW=1 (e.g. the full ResNet-50 at 2048 px)."
+    config.addinivalue_line("markers", "slow: long, memory-hungry tests, skipped unless CYTOCLR_SLOW=1")

@@ -194,3 +194,154 @@ def test_point_error_by_hand():
     scaled[0, 0] += 0.001  # 1 um more per row along x
     np.testing.assert_allclose(point_error_mm(scaled, A, uv), [0.0, 0.1, 3.0])
     np.testing.assert_allclose(affine_residuals(A, uv, uv @ A[:, :2].T + A[:, 2] + [0, 3.0, 4.0]), 5.0)
+
+
+# ---------------------------------------------------------------- placing sections from anchors
+def test_place_section_with_a_perfect_encoder(rng):
+    "Features that encode position exactly: every patch finds its own place, the fit is the true affine."
+    from cytoclr.alignment import place_section
+    A = np.array([[0.0, 0.05, -60.0], [0.002, 0.0, -20.0], [-0.05, 0.0, 70.0]])
+    uv = rng.uniform(0, 2000, (400, 2))
+    xyz = uv @ A[:, :2].T + A[:, 2]
+    frame_xyz = np.concatenate([xyz + rng.normal(0, 0.3, xyz.shape), rng.uniform(-70, 70, (600, 3))])
+    code = lambda p: np.concatenate([np.sin(p / 7.0), np.cos(p / 7.0), np.sin(p / 3.1), np.cos(p / 3.1)], 1)
+    pl = place_section(uv, code(xyz), code(frame_xyz), frame_xyz, threshold_mm=2.0, spacing_um=50.0)
+    assert plane_angle_deg(pl.A, A) < 0.5 and np.median(point_error_mm(pl.A, A, uv)) < 0.5
+    assert (pl.matches == np.arange(400)).mean() > 0.95 and pl.inliers.mean() > 0.95
+    assert pl.indices.shape[0] == 400 and pl.history[0]["inliers"] > 300
+
+
+def test_reanchoring_improves_a_noisy_encoder(rng):
+    "40% right anchors, the rest random: the fit finds the plane, re-anchoring near it fixes most wrong anchors."
+    from cytoclr.alignment import place_section
+    A = np.array([[0.0, 0.064, -70.0], [0.003, 0.0, -18.0], [-0.064, 0.0, 75.0]])
+    gy, gx = np.meshgrid(np.arange(0, 2000, 45.0), np.arange(0, 2200, 45.0), indexing="ij")
+    frame_uv = np.stack([gy.ravel(), gx.ravel()], 1)
+    frame_xyz = frame_uv @ A[:, :2].T + A[:, 2] + np.array([0, 0.0, 0])
+    feats = rng.normal(size=(len(frame_xyz), 32))
+    idx = rng.choice(len(frame_xyz), 500, replace=False)
+    uv, q = frame_uv[idx] + rng.uniform(-10, 10, (500, 2)), feats[idx] + 0.3 * rng.normal(size=(500, 32))
+    wrong = rng.random(500) < 0.6
+    q[wrong] = rng.normal(size=(wrong.sum(), 32))  # these match nothing in particular
+    before = np.argmax((q / np.linalg.norm(q, axis=1, keepdims=True)) @ (feats / np.linalg.norm(feats, axis=1, keepdims=True)).T, 1)
+    err_before = np.linalg.norm(frame_xyz[before] - (uv @ A[:, :2].T + A[:, 2]), axis=1)
+    pl = place_section(uv, q, feats, frame_xyz, threshold_mm=4.0, spacing_um=64.0, rounds=3)
+    err_after = np.linalg.norm(frame_xyz[pl.matches] - (uv @ A[:, :2].T + A[:, 2]), axis=1)
+    assert plane_angle_deg(pl.A, A) < 1.0
+    assert np.mean(err_after < 5) > np.mean(err_before < 5) + 0.3  # re-anchoring near the plane fixes wrong anchors
+    assert pl.history[-1]["radius_mm"] <= pl.history[0]["radius_mm"]
+
+
+def test_place_section_bad_input(rng):
+    from cytoclr.alignment import place_section
+    with pytest.raises(DataError, match="pixel positions"):
+        place_section(rng.random((5, 2)), rng.random((4, 3)), rng.random((9, 3)), rng.random((9, 3)))
+    with pytest.raises(DataError, match="usable"):
+        place_section(rng.random((5, 2)), rng.random((5, 3)), rng.random((9, 3)), rng.random((9, 3)),
+                      usable=np.zeros(9, bool))
+
+
+def test_section_errors_against_an_affine_and_against_points(rng):
+    from cytoclr.alignment import lstsq_affine, section_errors
+    A = np.array([[0.0, 0.05, -60.0], [0.0, 0.0, -20.0], [-0.05, 0.0, 70.0]])
+    uv = rng.uniform(0, 1000, (50, 2))
+    B = A.copy()
+    B[:, 2] += [0, 3.0, 4.0]  # shifted by 5 mm
+    e = section_errors(B, uv, A_true=A)
+    assert e["median_point_error_mm"] == pytest.approx(5.0) and e["plane_angle_error_deg"] == pytest.approx(0, abs=1e-9)
+    pts = uv @ A[:, :2].T + A[:, 2]
+    np.testing.assert_allclose(lstsq_affine(uv, pts), A, atol=1e-9)
+    h = section_errors(B, uv, xyz_true=pts)
+    assert h["median_point_error_mm"] == pytest.approx(5.0) and h["best_affine_residual_mm"] < 1e-9
+    with pytest.raises(DataError):
+        section_errors(B, uv)
+
+
+# ---------------------------------------------------------------- a section nobody has registered: cytoclr anchor
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    "A phantom section exported as a tiled TIFF with its mask, a seeded encoder checkpoint and its frame of that section."
+    import torch
+    from cytoclr.anchoring import Frame, encoder_space
+    from cytoclr.models import embed
+    from cytoclr.sampling import extract_patch, mask_grid
+    from cytoclr.sections import export_phantom, load_manifest
+    from cytoclr.training import TrainConfig, checkpoint_path, train
+    from cytoclr.alignment import encoder_from_checkpoint
+    d = tmp_path_factory.mktemp("anchor")
+    man_path = export_phantom(d / "export", brains=1, sections=1, spacing_um=256.0, modality="nissl", format="tiff",
+                              positions=[-18.0], progress=False)
+    man = load_manifest(man_path)
+    e = man.entries[0]
+    sec = man.section(e.id)
+    for mod, seed in (("nissl", 0), ("pli", 0), ("nissl", 7)):
+        train(TrainConfig(method="random", modality=mod, seed=seed, proj_hidden=16, proj_dim=8), None, d / f"run_{mod}_{seed}",
+              progress=False, write_metrics=False)
+    enc, _ = encoder_from_checkpoint(checkpoint_path(d / "run_nissl_0", "nissl", "random"))
+    rc = mask_grid(sec, 2.0)
+    patches = np.stack([extract_patch(sec, p, 16) for p in rc])
+    feats = embed(enc, patches)
+    xyz = sec.to_reference(rc)
+    fr = Frame(xyz=xyz, hemi=np.zeros(len(rc), np.int8), section=np.zeros(len(rc), np.int64), rc=rc,
+               brain=np.array(["phantom-0"] * len(rc)), section_ids=[e.id], features=feats,
+               space=encoder_space(enc, "nissl", "random"), meta={"patch_px": 16})
+    fr.save(d / "frame")
+    mask = man_path.parent / "phantom-0" / "nissl_000_mask.tif"
+    return dict(d=d, image=e.path, mask=mask, affine=e.affine, n=len(rc))
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "cytoclr", "anchor", *map(str, args)], capture_output=True, text=True)
+
+
+def test_anchor_places_an_exported_tiff_without_its_transform(exported):
+    "The command's path end to end: identical patches in the frame, so the plane must come out right."
+    import json
+    import yaml
+    d = exported["d"]
+    r = _cli(exported["image"], "--modality", "nissl", "--spacing-um", 256, "--checkpoint",
+             d / "run_nissl_0" / "checkpoints" / "nissl" / "random", "--frame", d / "frame", "--mask", exported["mask"],
+             "--out", d / "out", "--grid-mm", 2, "--min-inliers", 6, "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "placed;" in r.stdout and "Traceback" not in r.stderr
+    out = d / "out" / "nissl_000"
+    info = json.loads((out / "affine.json").read_text())
+    A = np.array(info["affine"])
+    assert plane_angle_deg(A, exported["affine"]) < 1.0
+    assert np.median(point_error_mm(A, exported["affine"], np.array([[0, 0], [300, 400], [600, 100]]))) < 1.0
+    assert info["inliers"] >= 6 and 0 < info["inlier_share"] <= 1
+    rows = (out / "matches.csv").read_text().splitlines()
+    assert rows[0] == "row,col,x,y,z,similarity,inlier" and len(rows) == exported["n"] + 1
+    entry = yaml.safe_load((out / "manifest_entry.yml").read_text())["sections"][0]
+    assert entry["modality"] == "nissl" and np.allclose(entry["transform"]["affine"], A, atol=1e-5)
+    assert (out / "figures" / "placed.png").stat().st_size > 1000
+
+
+def test_anchor_refuses_bad_input_with_a_message(exported, tmp_path):
+    d = exported["d"]
+    base = ["--spacing-um", 256, "--frame", d / "frame", "--out", tmp_path / "o", "--grid-mm", 2, "--no-progress"]
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\0garbage")
+    cases = [
+        ([bad, "--modality", "nissl", "--checkpoint", d / "run_nissl_0/checkpoints/nissl/random", *base], "broken.tif"),
+        ([exported["image"], "--modality", "nissl", "--checkpoint", d / "run_pli_0/checkpoints/pli/random", *base],
+         "is a pli encoder"),
+        ([exported["image"], "--modality", "nissl", "--checkpoint", d / "run_nissl_7/checkpoints/nissl/random", *base],
+         "another encoder"),
+        ([exported["image"], "--modality", "nissl", "--spacing-um", 256, "--out", tmp_path / "o"], "--run RUN"),
+    ]
+    for args, phrase in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (phrase, r.stdout, r.stderr)
+        assert phrase in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_series_consistency():
+    from cytoclr.alignment import series_consistency
+    mk = lambda n, c: {"normal": n, "centre_mm": c}
+    ok = series_consistency([mk([0, 1, 0], [0, -10, 0]), mk([0, 1, 0.02], [0, -5, 0]), mk([0, -1, 0], [0, 0, 0])])
+    assert ok["consistent"]
+    assert not series_consistency([mk([0, 1, 0], [0, -10, 0]), mk([0, 1, 0], [0, 5, 0]), mk([0, 1, 0], [0, 0, 0])])["consistent"]
+    assert not series_consistency([mk([0, 1, 0], [0, 0, 0]), mk([1, 1, 0], [0, 5, 0])])["consistent"]

@@ -245,3 +245,36 @@ def test_clip_loss(rng):
     assert torch.autograd.gradcheck(lambda t: clip_loss(t, b, 0.3), (x,))
     with pytest.raises(DataError, match="same shape"):
         clip_loss(a, b[:5], 0.1)
+
+
+def slow_soft_clip(a, b, tau, w):
+    "Soft-target CLIP straight from the definition, in float64 loops."
+    a = a.double() / a.double().norm(dim=1, keepdim=True)
+    b = b.double() / b.double().norm(dim=1, keepdim=True)
+    n = len(a)
+    s = (a @ b.T / tau).tolist()
+    tot = []
+    for mat in (s, [list(r) for r in zip(*s)]):  # a -> b, then b -> a
+        wm = w.tolist() if mat is s else [list(r) for r in zip(*w.tolist())]
+        rows = []
+        for i in range(n):
+            ws = sum(wm[i])
+            if ws == 0:
+                continue
+            lse = math.log(sum(math.exp(x) for x in mat[i]))
+            rows.append(-sum(wm[i][j] / ws * (mat[i][j] - lse) for j in range(n)))
+        tot.append(sum(rows) / len(rows))
+    return 0.5 * (tot[0] + tot[1])
+
+
+def test_soft_clip_loss_against_the_formula(rng):
+    a, b = torch.tensor(rng.normal(size=(7, 5))), torch.tensor(rng.normal(size=(7, 5)))
+    w = torch.tensor(rng.uniform(0, 1, (7, 7))) * (torch.rand(7, 7, generator=torch.Generator().manual_seed(0)) < 0.5)
+    w = w + torch.eye(7, dtype=w.dtype)
+    assert float(clip_loss(a, b, 0.3, w)) == pytest.approx(slow_soft_clip(a, b, 0.3, w), rel=1e-10)
+    eye = torch.eye(7, dtype=torch.float64)
+    assert float(clip_loss(a, b, 0.3, eye)) == pytest.approx(float(clip_loss(a, b, 0.3)), rel=1e-12)  # identity: plain CLIP
+    with pytest.raises(DataError, match="non-negative"):
+        clip_loss(a, b, 0.3, -eye)
+    from cytoclr.losses import clip_loss_distributed
+    assert float(clip_loss_distributed(a, b, (), None, 0.3)) == pytest.approx(float(clip_loss(a, b, 0.3)))

@@ -272,3 +272,152 @@ def test_no_kernel_warning_reaches_the_terminal(tiny_book, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "without encryption" not in r.stderr and "WARNING" not in r.stderr
     assert "00_a: done" in r.stderr and "01_b: done" in r.stderr
+
+
+# --- prepare_page: an executed notebook made fit for the book (hand-made notebook dicts, no files) ---
+import copy  # noqa: E402
+import itertools  # noqa: E402
+
+from cytoclr.pipeline import prepare_page  # noqa: E402
+
+HOME, PROJ, RUN = "/home/ana", "/home/ana/cytoclr", "/home/ana/cytoclr/runs/quick"
+REPS = {RUN: "runs/quick", PROJ: ".", HOME: "~"}
+_ids = itertools.count()
+
+
+def _code(src, outputs=(), tags=None, **metadata) -> dict:
+    md = dict(metadata, **({"tags": list(tags)} if tags else {}))
+    return {"cell_type": "code", "execution_count": 1, "id": f"c{next(_ids)}",
+            "metadata": md, "outputs": list(outputs), "source": src}
+
+
+def _md(src) -> dict:
+    return {"cell_type": "markdown", "id": "m0", "metadata": {}, "source": src}
+
+
+def _stream(text, name="stdout") -> dict:
+    return {"output_type": "stream", "name": name, "text": text}
+
+
+def _page_nb(*cells, metadata=None) -> dict:
+    return {"cells": list(cells), "metadata": metadata or {"kernelspec": {"name": "python3"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def _src(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _tags(cell) -> list:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def test_prepare_page_hides_the_injected_parameters_input():
+    injected = _code(["# Parameters\n", f'run_dir = "{RUN}"\n', "n_steps = 3\n"], tags=["injected-parameters"])
+    page = prepare_page(_page_nb(_code('run_dir = "../runs/quick"', tags=["parameters"]), injected,
+                            _code("print(n_steps)", [_stream("3\n")])), REPS)
+    params, inj, body = page["cells"]
+    assert "remove-input" in _tags(inj) and "remove-cell" not in _tags(inj)  # the page keeps the cell, not its code
+    assert "remove-input" not in _tags(params) and "remove-input" not in _tags(body)
+    assert _src(inj) == '# Parameters\nrun_dir = "runs/quick"\nn_steps = 3'  # and names no absolute path
+
+
+def test_prepare_page_replaces_absolute_paths_everywhere_but_binary_data():
+    png = "iVBORw0KGgo+/home/ana/cytoclr/runs/quick+AAAA"  # base64 may contain anything: left alone
+    cell = _code(f'fig_path = "{RUN}/figures/a.png"\nsrc = "{PROJ}/nbs"\ncache = "{HOME}/.cache/x"\nother = "{PROJ}2/x"',
+                 [_stream(f"wrote {RUN}/figures/a.png\n"),
+                  {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                   "data": {"text/plain": [f"PosixPath('{PROJ}/data/x.tif')"], "image/png": png,
+                            "text/html": f"<a href='{RUN}/metrics.json'>metrics</a>"}},
+                  {"output_type": "error", "ename": "DataError", "evalue": f"bad file {PROJ}/data/y.tif",
+                   "traceback": [f"File {PROJ}/cytoclr/core.py:12"]}],
+                 papermill={"input_path": f"{PROJ}/nbs/03_x.ipynb"})
+    meta = {"kernelspec": {"name": "python3"},
+            "papermill": {"input_path": f"{PROJ}/nbs/03_x.ipynb", "output_path": f"{RUN}/03_x.ipynb",
+                          "parameters": {"run_dir": RUN}}}
+    page = prepare_page(_page_nb(_md(f"Made in `{RUN}`."), cell, metadata=meta), REPS)
+    md, c = page["cells"]
+    assert _src(md) == "Made in `runs/quick`."
+    assert _src(c) == ('fig_path = "runs/quick/figures/a.png"\nsrc = "./nbs"\ncache = "~/.cache/x"\n'
+                       'other = "~/cytoclr2/x"')  # a longer folder name is not the project, but is under home
+    stream, result, error = c["outputs"]
+    assert "".join(stream["text"]) == "wrote runs/quick/figures/a.png\n"
+    assert result["data"]["text/plain"] == ["PosixPath('./data/x.tif')"]
+    assert result["data"]["text/html"] == "<a href='runs/quick/metrics.json'>metrics</a>"
+    assert result["data"]["image/png"] == png
+    assert error["evalue"] == "bad file ./data/y.tif" and error["traceback"] == ["File ./cytoclr/core.py:12"]
+    assert c["metadata"]["papermill"]["input_path"] == "./nbs/03_x.ipynb"
+    assert page["metadata"]["papermill"] == {"input_path": "./nbs/03_x.ipynb", "output_path": "runs/quick/03_x.ipynb",
+                                             "parameters": {"run_dir": "runs/quick"}}
+    no_png = {**result, "data": {k: v for k, v in result["data"].items() if k != "image/png"}}
+    assert HOME not in json.dumps({**page, "cells": [md, {**c, "outputs": [stream, no_png, error]}]})
+
+
+def test_prepare_page_strips_directives_and_drops_default_exp_cells():
+    page = prepare_page(_page_nb(_md("# Title"), _code("#| default_exp core\n"), _code(["#| default_exp core\n", "#|  hide\n"]),
+                            _code(["#| export\n", "def f(x):\n", "    return x\n"]),
+                            _code("#| hide\nsecret = 1"), _code("#|eval: false\nx = 2\n#| echo: false\ny = 3")))
+    assert [c["cell_type"] for c in page["cells"]] == ["markdown", "code", "code", "code"]
+    exported, hidden, plain = page["cells"][1:]
+    assert _src(exported) == "def f(x):\n    return x"
+    assert not any(l.lstrip().startswith("#|") for c in page["cells"] for l in _src(c).splitlines())
+    assert "remove-cell" in _tags(hidden) and _src(hidden) == "secret = 1"
+    assert _src(plain) == "x = 2\ny = 3" and _tags(plain) == []
+    assert all(isinstance(c["source"], list) for c in page["cells"][1:])
+
+
+def test_prepare_page_removes_the_input_of_silent_import_cells():
+    page = prepare_page(_page_nb(
+        _code("import numpy as np\nfrom pathlib import Path  # comment\n\nimport matplotlib.pyplot as plt\n"),
+        _code("import warnings", [_stream("a deprecation warning\n", "stderr")]),  # its output needs its context
+        _code("import numpy as np\nx = np.zeros(3)"),
+        _code("%matplotlib inline\nimport numpy as np"),  # not Python: left as it is
+        _code("#| export\nimport numpy as np")))
+    silent, noisy, mixed, magic, exported = page["cells"]
+    assert "remove-input" in _tags(silent)
+    assert _tags(noisy) == [] and _tags(mixed) == [] and _tags(magic) == [] and _tags(exported) == []
+
+
+def test_prepare_page_folds_the_code_of_figure_cells_but_not_exported_code():
+    page = prepare_page(_page_nb(
+        _code("fig, ax = plt.subplots()\nax.plot([1, 2])"),
+        _code("from cytoclr.pipeline import save_figure\nsave_figure(f, run_dir, 'loss')"),
+        _code("pipeline.save_figure(f, run_dir, 'loss')"),
+        _code("%time fig = plt.figure()"),  # a magic: Python cannot parse it, the regex decides
+        _code('print("call plt.show() or fig.savefig")'),  # only inside a string: not a figure cell
+        _code("#| export\ndef show(x):\n    fig = plt.figure()\n    return fig"),
+        _code("#| exports\nfig = plt.figure()")))
+    tags = [_tags(c) for c in page["cells"]]
+    assert all("hide-input" in t for t in tags[:4]), tags
+    assert tags[4:] == [[], [], []]
+
+
+def test_prepare_page_keeps_only_the_final_state_of_progress_bars():
+    bar = ["  0%|          | 0/3 [00:00<?, ?it/s]\r", " 33%|###3      | 1/3 [00:00<00:01,  2.0it/s]\r",
+           "100%|##########| 3/3 [00:01<00:00,  2.9it/s]\r", "100%|##########| 3/3 [00:01<00:00,  2.9it/s]\n"]
+    cleared = "  0%|          | 0/5 [00:00<?, ?it/s]\r 40%|####      | 2/5\r                    \r"  # leave=False
+    page = prepare_page(_page_nb(
+        _code("train()", [_stream(bar[0], "stderr"), _stream(bar[1], "stderr"), _stream(bar[2:], "stderr"),
+                          _stream("epoch 1 loss 0.5\n"), _stream("epoch 2 loss 0.4\n")]),
+        _code("step()", [_stream(cleared, "stderr"), _stream("done\n")]),
+        _code("warn()", [_stream("UserWarning: careful\n", "stderr")])))
+    train, step, warn = page["cells"]
+    assert [(o["name"], "".join(o["text"])) for o in train["outputs"]] == [
+        ("stderr", "100%|##########| 3/3 [00:01<00:00,  2.9it/s]\n"), ("stdout", "epoch 1 loss 0.5\nepoch 2 loss 0.4\n")]
+    assert [(o["name"], "".join(o["text"])) for o in step["outputs"]] == [("stdout", "done\n")]  # a cleared bar goes
+    assert "".join(warn["outputs"][0]["text"]) == "UserWarning: careful\n"  # stderr without \r stays as it was
+
+
+def test_prepare_page_does_not_modify_its_input():
+    nb = _page_nb(_md(f"in {RUN}"), _code("#| default_exp core"), _code("import numpy as np"),
+             _code(["# Parameters\n", f'run_dir = "{RUN}"\n'], tags=["injected-parameters"]),
+             _code("#| export\ndef f(): pass"), _code("fig = plt.figure()"),
+             _code("train()", [_stream("  0%|\r", "stderr"), _stream("100%|\n", "stderr")]),
+             metadata={"papermill": {"parameters": {"run_dir": RUN}}})
+    before = copy.deepcopy(nb)
+    page = prepare_page(nb, REPS)
+    assert nb == before
+    assert page is not nb and page["cells"] is not nb["cells"]
+    page["cells"][0]["metadata"]["x"] = 1
+    assert "x" not in nb["cells"][0]["metadata"]  # no cell is shared either
+    assert prepare_page(nb) == prepare_page(nb, {})  # no replacements: the same page without path changes
