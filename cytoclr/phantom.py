@@ -17,7 +17,7 @@ __all__ = ['LAYERS', 'AREA_TYPES', 'GIANT_UM', 'AREA_OVERRIDES', 'AREA_TYPE_RULE
            'MODALITIES', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'TEXTURE_MM',
            'TEX_SCALE', 'TEX_OFFSET', 'READ_TILE_PX', 'area_base_name', 'area_type_of', 'laminar_profile',
            'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection', 'poisson_table',
-           'depth_profile', 'area_type_index']
+           'depth_profile', 'area_type_index', 'profile_classification']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
 LAYERS = ("I", "II", "III", "IV", "V", "VI")
@@ -1197,3 +1197,25 @@ def area_type_index(brain) -> np.ndarray:
     "Type number (index into `list(AREA_TYPES)`, -1 for no area) of every area of a brain's reference."
     names = list(AREA_TYPES)
     return np.array([-1] + [names.index(t) for t in brain.area_types[1:]])
+
+
+def profile_classification(profiles, labels, folds: int = 4, seed: int = 0) -> dict:
+    """Cross-validated accuracy of a logistic regression telling classes apart from depth profiles.
+
+    profiles: (n, bins), NaN for empty bins (imputed with the training folds' bin means);
+    labels: (n,). Returns accuracy (mean over stratified folds), chance (the majority class's share), n."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    X, y = np.asarray(profiles, np.float64), np.asarray(labels)
+    if X.ndim != 2 or len(X) != len(y):
+        raise DataError(f"profiles must be (n, bins) with one label each, got {X.shape} and {y.shape}", field="profiles")
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        raise DataError(f"need at least 2 classes with 2 profiles each, got counts {counts.tolist()}", field="labels")
+    k = int(min(folds, counts.min()))
+    model = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=2000))
+    acc = cross_val_score(model, X, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    return {"accuracy": float(acc.mean()), "chance": float(counts.max() / counts.sum()), "n": int(len(y)), "folds": k}

@@ -4,7 +4,8 @@ import pytest
 from scipy import stats
 
 from cytoclr.phantom import (AREA_TYPES, POISSON_MU_BINS, POISSON_U_BINS, PhantomBrain, _pli, _poisson, area_base_name,
-                             area_type_index, area_type_of, depth_profile, hash_uniform, laminar_profile, poisson_table)
+                             area_type_index, area_type_of, depth_profile, hash_uniform, laminar_profile, poisson_table,
+                             profile_classification)
 from cytoclr.core import DataError
 
 
@@ -249,6 +250,21 @@ def test_depth_profiles_separate_the_area_types(brain, rng):
     acc = cross_val_score(LogisticRegression(C=10.0, max_iter=2000), X, y, cv=4).mean()
     chance = np.bincount(y).max() / len(y)
     assert acc > chance + 0.25, (acc, chance)
+
+
+def test_profile_classification_scores_separable_noise_and_bad_input(rng):
+    y = np.repeat(np.arange(3), 20)
+    signal = np.eye(3)[y] @ rng.normal(size=(3, 10)) * 5  # three well-separated class profiles
+    X = signal + rng.normal(size=(60, 10))
+    X[::7, 3] = np.nan  # empty depth bins are imputed, not fatal
+    r = profile_classification(X, y)
+    assert r["accuracy"] > 0.95 and r["chance"] == pytest.approx(1 / 3) and r["n"] == 60 and r["folds"] == 4
+    noise = profile_classification(rng.normal(size=(60, 10)), y)
+    assert noise["accuracy"] < 0.6  # labels carry no information: near the 1/3 chance level
+    with pytest.raises(DataError, match="2 classes"):
+        profile_classification(X[:3], [0, 1, 1])
+    with pytest.raises(DataError, match="one label each"):
+        profile_classification(X, y[:10])
 
 
 def test_v1_retardation_shows_the_stria_of_gennari(brain, ref):
