@@ -20,7 +20,11 @@ Runs alternate (bare, trainer, ...) and the medians are compared; only ratios wi
 machine's speed changes 2x between days). Goal: trainer throughput >= 0.9 x the bare loop, in both parts.
 
     .venv/bin/python benchmarks/bench_training.py [--steps 40] [--real-steps 20] [--repeats 3] [--samples 4096]
-                                                  [--only synthetic|real]
+                                                  [--only synthetic|real] [--threads N]
+
+Under heavy load from other processes, wall-clock rates of multi-threaded runs swing several-fold within seconds:
+ratios are also given as medians of per-repeat ratios, and in CPU time (images per CPU-second of this process),
+which with `--threads 1` measures the work itself.
 """
 import argparse
 import dataclasses
@@ -119,6 +123,17 @@ def make_model(cfg):
         return M()
 
 
+def rates(n, t0, c0) -> tuple[float, float]:
+    "(images per wall second, images per CPU second of this process) since (perf_counter, process_time) = (t0, c0)."
+    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+
+
+def summary(pairs) -> str:
+    "Median and range of per-repeat ratios (each compares two runs next to each other in time)."
+    r = np.asarray(pairs)
+    return f"{np.median(r):.3f} (range {r.min():.2f}-{r.max():.2f})"
+
+
 def simclr_weighting():
     return ("index",), view_weights
 
@@ -130,7 +145,7 @@ def bare(cfg, stream, weighting=None):
     opt, sched = T.make_optimizer(model, cfg)
     model.train()
     n, step = 0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while step < cfg.steps:
         for batch in stream.epoch(step // len(stream)):
             x = batch["image"].flatten(0, 1)  # (B*2, C, H, W)
@@ -145,27 +160,28 @@ def bare(cfg, stream, weighting=None):
             n, step = n + len(x), step + 1
             if step >= cfg.steps:
                 break
-    return n / (time.perf_counter() - t0), float(loss.detach())
+    return rates(n, t0, c0), float(loss.detach())
 
 
 def trainer(cfg, stream, distances=None):
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = T.train(cfg, stream, tmp, model=make_model(cfg), distances=distances, progress=True, write_metrics=False)
-        wall = time.perf_counter() - t0  # everything: set-up, logs, tqdm, checkpoints
-    return res.steps * cfg.batch_size * cfg.views / wall, res.losses[-1][1]
+        r = rates(res.steps * cfg.batch_size * cfg.views, t0, c0)  # everything: set-up, logs, tqdm, checkpoints
+    # and the trainer's own count: wall time inside its steps only (what its log reports; no set-up, no final save)
+    return (*r, res.images_per_second), res.losses[-1][1]
 
 
 def data_only(cfg, stream):
     "Images/s of the stream alone: sampling, collation, augmentation (crops already cached)."
     n, step = 0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while step < cfg.steps:
         for batch in stream.epoch(step // len(stream)):
             n, step = n + batch["image"].shape[0] * batch["image"].shape[1], step + 1
             if step >= cfg.steps:
                 break
-    return n / (time.perf_counter() - t0)
+    return rates(n, t0, c0)
 
 
 # -- part 1 ---------------------------------------------------------------------------------------------------------
@@ -184,10 +200,13 @@ def synthetic(a):
         it, lt = trainer(cfg, stream)
         assert math.isclose(lb, lt, rel_tol=1e-4), f"the two loops diverged: final loss {lb} vs {lt}"
         rb.append(ib), rt.append(it)
-        print(f"  repeat {r + 1}: bare {ib:.0f} images/s, trainer {it:.0f} images/s (final loss {lt:.4f} both)", file=sys.stderr)
-    mb, mt = statistics.median(rb), statistics.median(rt)
+        print(f"  repeat {r + 1}: bare {ib[0]:.0f} images/s, trainer {it[0]:.0f} images/s (final loss {lt:.4f} both)", file=sys.stderr)
+    mb, mt = statistics.median(x[0] for x in rb), statistics.median(x[0] for x in rt)
+    ratio = mt / mb
     print(f"[1, synthetic] bare loop: {mb:.0f} images/s (median of {a.repeats}); trainer: {mt:.0f} images/s; "
-          f"ratio trainer/bare = {mt / mb:.3f} (goal >= 0.90: {'met' if mt / mb >= 0.9 else 'NOT met'})")
+          f"ratio trainer/bare = {ratio:.3f} (goal >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'}); per-repeat ratios: "
+          f"wall {summary([t[0] / b[0] for b, t in zip(rb, rt)])}, CPU time {summary([t[1] / b[1] for b, t in zip(rb, rt)])}; "
+          f"trainer's steps alone (its own images/s, no set-up) / bare: {summary([t[2] / b[0] for b, t in zip(rb, rt)])}")
 
 
 # -- part 2 ---------------------------------------------------------------------------------------------------------
@@ -282,7 +301,7 @@ def real(a):
     for s in streams.values():
         bare(warm, s, weighting)
     trainer(warm, new, dist)
-    res = {k: dict(data=[], bare=[], trainer=[]) for k in streams}
+    res = {k: dict(data=[], bare=[], trainer=[]) for k in streams}  # lists of (wall, cpu) images/s per repeat
     first = next(iter(streams))
     for r in range(a.repeats):
         line = []
@@ -290,34 +309,46 @@ def real(a):
             res[name]["data"].append(data_only(cfg, s))
             ib, lb = bare(cfg, s, weighting)
             res[name]["bare"].append(ib)
-            line.append(f"{name.split(',')[0]}{' per-view' if 'per-view' in name else ''} bare {ib:.0f}")
+            line.append(f"{name.split(',')[0]}{' per-view' if 'per-view' in name else ''} bare {ib[0]:.0f}")
             if name == first:
                 it, lt = trainer(cfg, s, dist)
                 assert math.isclose(lb, lt, rel_tol=1e-4), f"the two loops diverged: final loss {lb} vs {lt}"
                 res[name]["trainer"].append(it)
-                line.append(f"trainer {it:.0f} (final loss {lt:.4f} both)")
+                line.append(f"trainer {it[0]:.0f} (final loss {lt:.4f} both)")
         print(f"  repeat {r + 1} (images/s): " + ", ".join(line), file=sys.stderr)
 
-    med = {k: {m: statistics.median(v) if v else float("nan") for m, v in d.items()} for k, d in res.items()}
     names = list(streams)
-    ref_bare = med[names[-1]]["bare"]  # the old configuration
+    old = names[-1]
+    wall = {k: {m: np.array([x[0] for x in v]) for m, v in d.items() if v} for k, d in res.items()}
+    cpu = {k: {m: np.array([x[1] for x in v]) for m, v in d.items() if v} for k, d in res.items()}
     print(f"[2, real data] images/s, median of {a.repeats} alternating repeats of {cfg.steps} steps x {cfg.batch_size} "
           f"locations x 2 views; geodesic weights (sigma {cfg.sigma_mm:g} mm, {cut:g} mm table); quick encoder; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"  {'configuration':40s} {'data only':>10s} {'bare loop':>10s} {'trainer':>9s} {'trainer/bare':>13s} {'bare vs old':>12s}")
+          f"torch threads {torch.get_num_threads()}. 'vs old': median of the per-repeat ratios of the bare loops; "
+          f"CPU: images per CPU-second of this process{' (includes OpenMP spinning with >1 thread)' if torch.get_num_threads() > 1 else ''}")
+    print(f"  {'configuration':40s} {'data only':>9s} {'bare loop':>9s} {'trainer':>8s} {'vs old':>7s} | {'CPU: data':>9s} "
+          f"{'bare':>6s} {'trainer':>8s} {'vs old':>7s}")
     for k in names:
-        m = med[k]
-        tr = f"{m['trainer']:9.0f}" if res[k]["trainer"] else f"{'-':>9s}"
-        ratio = f"{m['trainer'] / m['bare']:13.3f}" if res[k]["trainer"] else f"{'-':>13s}"
-        print(f"  {k:40s} {m['data']:10.0f} {m['bare']:10.0f} {tr} {ratio} {m['bare'] / ref_bare:11.2f}x")
-    mt = med[first]
-    n64b, n64v, n128b, n128v = (med[k]["bare"] for k in names)
-    print(f"[2, real data] trainer / bare loop on the real data path = {mt['trainer'] / mt['bare']:.3f} "
-          f"(goal >= 0.90: {'met' if mt['trainer'] / mt['bare'] >= 0.9 else 'NOT met'})")
-    print(f"[2, real data] new vs old configuration (bare loop): {n64b / n128v:.2f}x; the patch size alone (128 -> 64 px): "
-          f"{n64v / n128v:.2f}x per-view, {n64b / n128b:.2f}x batched; batched augmentation alone: {n64b / n64v:.2f}x "
-          f"at 64 px, {n128b / n128v:.2f}x at 128 px; data path alone (data only, batched / per-view): "
-          f"{med[names[0]]['data'] / med[names[1]]['data']:.1f}x at 64 px, {med[names[2]]['data'] / med[names[3]]['data']:.1f}x at 128 px")
+        w, c = wall[k], cpu[k]
+        trw = f"{np.median(w['trainer']):8.0f}" if "trainer" in w else f"{'-':>8s}"
+        trc = f"{np.median(c['trainer']):8.0f}" if "trainer" in c else f"{'-':>8s}"
+        print(f"  {k:40s} {np.median(w['data']):9.0f} {np.median(w['bare']):9.0f} {trw} "
+              f"{np.median(w['bare'] / wall[old]['bare']):6.2f}x | {np.median(c['data']):9.0f} {np.median(c['bare']):6.0f} {trc} "
+              f"{np.median(c['bare'] / cpu[old]['bare']):6.2f}x")
+    w0, c0 = wall[first], cpu[first]
+    ratio = float(np.median(w0["trainer"]) / np.median(w0["bare"]))
+    print(f"[2, real data] trainer / bare loop on the real data path = {ratio:.3f} (medians; goal >= 0.90: "
+          f"{'met' if ratio >= 0.9 else 'NOT met'}); per-repeat ratios: wall {summary(w0['trainer'] / w0['bare'])}, "
+          f"CPU time {summary(c0['trainer'] / c0['bare'])}; trainer's steps alone (its own images/s, no set-up) / bare: "
+          f"{summary(np.array([x[2] for x in res[first]['trainer']]) / w0['bare'])}")
+    for label, m in (("wall", wall), ("CPU time", cpu)):
+        q = {k: m[k]["bare"] for k in names}  # per repeat
+        d = {k: m[k]["data"] for k in names}
+        n64b, n64v, n128b, n128v = names
+        med = lambda x: float(np.median(x))  # noqa: E731
+        print(f"[2, real data, {label}] new vs old configuration (bare loop): {med(q[n64b] / q[n128v]):.2f}x; patch size alone "
+              f"(128 -> 64 px): {med(q[n64v] / q[n128v]):.2f}x per-view, {med(q[n64b] / q[n128b]):.2f}x batched; batched "
+              f"augmentation alone: {med(q[n64b] / q[n64v]):.2f}x at 64 px, {med(q[n128b] / q[n128v]):.2f}x at 128 px; data "
+              f"only, batched / per-view: {med(d[n64b] / d[n64v]):.2f}x at 64 px, {med(d[n128b] / d[n128v]):.2f}x at 128 px")
 
 
 def main():
@@ -330,7 +361,11 @@ def main():
     ap.add_argument("--samples", type=int, default=4096, help="training locations, part 2")
     ap.add_argument("--max-sections", type=int, default=0, help="train sections used in part 2 (0: all)")
     ap.add_argument("--only", choices=("synthetic", "real"), help="run one part only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). With 1 thread the CPU "
+                    "columns measure the work itself, whatever else runs on the machine")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.only != "real":
         synthetic(a)
     if a.only != "synthetic":

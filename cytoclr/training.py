@@ -787,7 +787,7 @@ def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
                 print(f"random: the seeded, untrained encoder, checkpoint {res.checkpoint}")
             elif rank == 0:
                 print(f"{method}: {res.steps} steps, final loss {res.final_loss:.4f}, "
-                      f"{res.images_per_second:.0f} images/s, checkpoint {res.checkpoint}")
+                      f"{res.images_per_second:.3g} images/s, checkpoint {res.checkpoint}")
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
