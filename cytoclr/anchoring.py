@@ -19,10 +19,11 @@ from .core import DataError, atomic_path, cosine_topk, read_json, write_json_ato
 _all_ = ["cosine_topk"]  # the library's one exact top-k (chapter 00), re-exported: DESIGN.md's anchoring.cosine_topk
 
 # %% auto #0
-__all__ = ['OUTLIER_MM', 'HEADLINE', 'section_plane', 'plane_distance', 'Frame', 'homologous_points', 'weights_fingerprint',
-           'encoder_space', 'retrieve', 'nearest_in_frame', 'rank_of', 'topk_accuracy', 'anchoring_scores',
-           'chance_anchoring', 'image_features', 'anchors_view', 'standardise', 'usable_frame', 'anchor_errors',
-           'pooled_scores', 'evaluate_anchoring', 'frame_sections', 'frame_group', 'cosine_topk']
+__all__ = ['OUTLIER_MM', 'HEADLINE', 'LOWER_IS_BETTER', 'section_plane', 'plane_distance', 'Frame', 'homologous_points',
+           'weights_fingerprint', 'encoder_space', 'retrieve', 'nearest_in_frame', 'rank_of', 'topk_accuracy',
+           'anchoring_scores', 'chance_anchoring', 'image_features', 'anchors_view', 'standardise', 'usable_frame',
+           'anchor_errors', 'pooled_scores', 'compare_scores', 'evaluate_anchoring', 'frame_sections', 'plane_key',
+           'frame_group', 'cosine_topk']
 
 # %% ../nbs/09_anchoring.ipynb #0fbded33
 def section_plane(section) -> tuple[np.ndarray, np.ndarray]:
@@ -379,14 +380,28 @@ def pooled_scores(parts: list, truth: str, outlier_mm: float = OUTLIER_MM, kmax:
     return anchoring_scores(err, rank, grp, outlier_mm, kmax, n_boot, seed)
 
 
+LOWER_IS_BETTER = ("median_error_mm", "p90_error_mm", "outlier_fraction")
+
+
+def compare_scores(a: dict, b: dict, key: str) -> str:
+    """How scores `a` compare with scores `b` (SCORES dicts with `ci95`) on `key`: "better" or "worse" (errors:
+    lower is better) or "equal", and whether their 95% intervals over sections lie apart or overlap."""
+    if key not in a or key not in b:
+        raise DataError(f"no score '{key}' to compare; expected one of {HEADLINE}", field="key")
+    va, vb = float(a[key]), float(b[key])
+    if va == vb:
+        return "equal"
+    better = va < vb if key in LOWER_IS_BETTER else va > vb
+    (la, ha), (lb, hb) = a["ci95"][key], b["ci95"][key]
+    return ("better" if better else "worse") + (", intervals apart" if ha < lb or hb < la else ", intervals overlap")
+
+
 def evaluate_anchoring(queries: Frame, frame: Frame, planes: list, min_gap_mm: float, query_feats=None,
                        frame_feats=None, baseline: str | None = None, same_hemisphere: bool = False, kmax: int = 50,
                        outlier_mm: float = OUTLIER_MM, n_boot: int = 1000, seed: int = 0) -> dict:
     "`anchor_errors` and its SCORES per truth: {truth: SCORES, **anchor_errors(...)}."
     r = anchor_errors(queries, frame, planes, min_gap_mm, query_feats, frame_feats, baseline, same_hemisphere, kmax, seed)
     return {**r, **{t: pooled_scores([(r, queries.section)], t, outlier_mm, kmax, n_boot, seed) for t in r["errors"]}}
-
-
 
 # %% ../nbs/09_anchoring.ipynb #84259059
 def _phantom_position(section):
@@ -433,6 +448,16 @@ def frame_sections(manifest, brain: str, modality: str, test_sections: list, ste
         sec.id = f"{brain}/frame/{modality}/{axis}/{y:+.1f}"
         out.append(sec)
     return out
+
+
+def plane_key(section) -> tuple:
+    """Sections that cut one phantom plane (its Nissl and its PLI section) share this key, so that work on them can
+    be ordered plane by plane: the plane's geometry (a second or so) is then computed once. Other sections: their own."""
+    b = section.build() if hasattr(section, "build") else section
+    if hasattr(b, "_b") and hasattr(b, "tissue_box") and hasattr(b, "y_mm"):
+        return ("phantom", id(b._b), str(b.axis), float(b.y_mm), tuple(np.ravel(b.tilt_deg).tolist()),
+                tuple(np.ravel(b.tissue_box).tolist()))
+    return ("section", id(section))
 
 
 def frame_group(section, series_frames=("sagittal",)) -> str:

@@ -193,7 +193,7 @@ def morton_order(vertices: np.ndarray, cell_mm: float = 2.0) -> np.ndarray:
 def table_from_graph(graph: sp.csr_matrix, vertices: np.ndarray, cutoff_mm: float, chunk: int = 256,
                      progress: bool = True) -> sp.csr_matrix:
     "Symmetric CSR (n, n) float32 of all graph distances < `cutoff_mm`; diagonal stored as explicit 0."
-    from tqdm.auto import tqdm
+    from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
     n = graph.shape[0]
     order = morton_order(vertices)
     rows, cols, vals = [], [], []
@@ -365,17 +365,39 @@ class SurfaceDistances:
                 allow_far: bool = False, device="cpu", dtype=None):
         """(n, n) torch weight matrix of a batch, on `device`: `geodesic_weights` of its distances.
 
-        For the geodesic metric only the finite pairs are evaluated and scattered into zeros (fast)."""
+        Only the pairs within the cutoff are evaluated and scattered into zeros (most pairs of a batch are farther):
+        from the table for the geodesic metric, from a k-d tree per hemisphere for the straight line."""
         import torch
         dtype = dtype or torch.float32
-        if metric != "geodesic":
-            d = torch.from_numpy(self.matrix(hemi, vertex, metric, allow_far)).to(device=device, dtype=dtype)
-            return geodesic_weights(d, sigma_mm, kind)
-        i, j, d, first = self.pairs(hemi, vertex, allow_far)
+        if metric in ("euclidean", "straight_line"):
+            i, j, d, first = self.straight_line_pairs(hemi, vertex, allow_far)
+        elif metric == "geodesic":
+            i, j, d, first = self.pairs(hemi, vertex, allow_far)
+        else:
+            raise DataError(f"unknown distance kind '{metric}': expected 'geodesic' or 'euclidean'", field="metric")
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         w0 = geodesic_weights(np.zeros(1, np_dtype), sigma_mm, kind)[0]  # the weight of distance 0
         w = _scatter(i, j, geodesic_weights(d.astype(np_dtype), sigma_mm, kind), first, 0.0, w0, np_dtype)
         return torch.from_numpy(w).to(device=device, dtype=dtype)
+
+    def straight_line_pairs(self, hemi, vertex, allow_far: bool = False):
+        "The batch's straight-line pairs closer than the cutoff, same hemisphere: i, j (p,), d (p,) mm, `first` (n,)."
+        from scipy.spatial import cKDTree
+        hemi, vertex = self._samples(hemi, vertex, allow_far)
+        ii, jj, dd = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        for k, h in enumerate(self.ref.hemis):
+            sel = np.flatnonzero(hemi == k)
+            if len(sel) < 2:
+                continue
+            xyz = self.ref.mid[h][vertex[sel]].astype(np.float64)  # (m, 3)
+            p = cKDTree(xyz).query_pairs(self.cutoff_mm, output_type="ndarray")  # (p, 2), i < j, within the cutoff
+            d = np.linalg.norm(xyz[p[:, 0]] - xyz[p[:, 1]], axis=1).astype(np.float32)
+            keep = d < self.cutoff_mm  # the same rule as the dense matrix: beyond or at the cutoff is inf
+            a, b = sel[p[keep, 0]], sel[p[keep, 1]]
+            ii += [a, b]
+            jj += [b, a]
+            dd += [d[keep], d[keep]]
+        return np.concatenate(ii), np.concatenate(jj), np.concatenate(dd), np.arange(len(hemi))
 
     def straight_line(self, hemi, vertex, allow_far: bool = False) -> np.ndarray:
         "(n, n) float32 euclidean distances between the same surface points, with the same inf rules."

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .core import DataError, cosine_topk
 
 # %% auto #0
-__all__ = ['pair_sections', 'pli_positions', 'PairedDataset', 'dataclasses_replace', 'cross_modal_scores', 'chance_cross_modal',
-           'pli_targets', 'Decoder', 'train_decoder', 'prediction_errors', 'nearest_copy']
+__all__ = ['pair_sections', 'pli_positions', 'PairedDataset', 'dataclasses_replace', 'SharedSpace', 'cross_modal_scores',
+           'chance_cross_modal', 'pli_targets', 'Decoder', 'train_decoder', 'prediction_errors', 'nearest_copy']
 
 # %% ../nbs/11_multimodal.ipynb #91e7c58c
 def pair_sections(nissl_sections: list, pli_sections: list, max_distance_mm: float = 0.5,
@@ -92,6 +92,19 @@ def dataclasses_replace(samples, **changes):
     "A copy of `Samples` with some fields replaced."
     import dataclasses
     return dataclasses.replace(samples, **changes)
+
+
+class SharedSpace(nn.Module):
+    """The space a CLIP model aligns across modalities: one modality's encoder and projection head,
+    (B, C, H, W) -> (B, P). The backbone features of the two encoders are not aligned by the loss; their projections are."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.out_dim = model, model.head.out_dim
+        self.modality = getattr(model.encoder, "modality", None)
+
+    def forward(self, x):
+        return self.model(x)[1]
 
 # %% ../nbs/11_multimodal.ipynb #a4564e51
 def cross_modal_scores(query_feats, gallery_feats, query_xyz, gallery_xyz, groups, kmax: int = 50, n_boot: int = 1000,

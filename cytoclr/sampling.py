@@ -408,14 +408,13 @@ class Augment:
             phi = torch.deg2rad(x[:, PLI_DIRECTION]) * 2  # (B, h, h) doubled angle
             x = torch.cat([x[:, :PLI_DIRECTION], torch.cos(phi)[:, None], torch.sin(phi)[:, None]], 1)  # (B, 4, h, h)
         # rotation + flip: the same sampling grid as `_rotate_flip`, one per view
-        c = (h - 1) / 2.0
-        d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-        dr, dc = torch.meshgrid(d, d, indexing="ij")  # (size, size)
-        dc = torch.where(p["flip"][:, None, None] > 0, -dc, dc)  # (B, size, size)
-        a = torch.deg2rad(p["theta"] % 360.0)[:, None, None]
-        src_c = torch.cos(a) * dc - torch.sin(a) * dr + c
-        src_r = torch.sin(a) * dc + torch.cos(a) * dr + c
-        grid = torch.stack([src_c / (h - 1) * 2 - 1, src_r / (h - 1) * 2 - 1], -1).float()  # (B, size, size, 2)
+        # in normalised coordinates: source = s R(theta) diag(flip, 1) output, s = (size - 1) / (h - 1)
+        a, s = torch.deg2rad(p["theta"] % 360.0), (size - 1) / (h - 1)
+        f = torch.where(p["flip"] > 0, -1.0, 1.0).double()
+        A = torch.zeros(B, 2, 3, dtype=torch.float64)
+        A[:, 0, 0], A[:, 0, 1] = s * torch.cos(a) * f, -s * torch.sin(a)
+        A[:, 1, 0], A[:, 1, 1] = s * torch.sin(a) * f, s * torch.cos(a)
+        grid = F.affine_grid(A, (B, x.shape[1], size, size), align_corners=True).float()  # (B, size, size, 2)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (B, C', size, size)
         x = _blur_batch(x, p["sigma"])
         n_int = 2 if pli else x.shape[1]

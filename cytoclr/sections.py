@@ -23,9 +23,9 @@ from .core import DataError, atomic_path, path_fingerprint, source_fingerprint
 from .reference import load_reference
 
 # %% auto #0
-__all__ = ['MODALITIES', 'FILL', 'SPLITS', 'Section', 'mask_shape', 'to_reference', 'from_reference', 'check_affine',
-           'ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image', 'ImageMask',
-           'PolygonMask', 'ReferenceMask', 'TissueMask', 'ImageSection', 'Problem', 'SectionEntry',
+__all__ = ['MODALITIES', 'FILL', 'SPLITS', 'PAIRING_DEFAULTS', 'Section', 'mask_shape', 'to_reference', 'from_reference',
+           'check_affine', 'ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image',
+           'ImageMask', 'PolygonMask', 'ReferenceMask', 'TissueMask', 'ImageSection', 'Problem', 'SectionEntry',
            'PhantomSectionProxy', 'Manifest', 'load_manifest', 'sections_of_split', 'manifest_fingerprint',
            'validate_manifest', 'check_manifest_cli', 'phantom_y_positions', 'default_splits', 'write_section_zarr',
            'write_section_tiff', 'plane_positions', 'export_phantom', 'export_phantom_cli']
@@ -611,7 +611,9 @@ class ImageSection:
 
 # %% ../nbs/02_sections.ipynb #52970e7b
 SPLITS = ("train", "validation", "test")
-_TOP = {"reference": False, "brains": True, "sections": False, "phantom_series": False, "splits": False}
+_TOP = {"reference": False, "brains": True, "sections": False, "phantom_series": False, "splits": False,
+        "pairing": False}
+PAIRING_DEFAULTS = {"max_distance_mm": 0.5, "max_angle_deg": 5.0}  # chapter 11's pairing of Nissl and PLI sections
 _BRAIN = {"id": True, "phantom": False, "description": False, "provenance": False}
 _FILE_SECTION = {"id": False, "brain": True, "path": True, "sha256": True, "modality": True, "spacing_um": True,
                  "transform": True, "mask": False, "index": False, "series": False, "provenance": False,
@@ -756,6 +758,10 @@ def _parse(data, root: Path, c: _Checker):
         c.error("", f"the manifest must be a mapping of sections (reference, brains, sections, ...), got {type(data).__name__}")
         return brains, entries, splits
     c.fields(data, "", _TOP)
+    if "pairing" in data and c.fields(data["pairing"], "pairing", {k: False for k in PAIRING_DEFAULTS}):
+        for k, v in data["pairing"].items():
+            if k in PAIRING_DEFAULTS:
+                c.number(v, f"pairing.{k}", positive=True)
     ref = data.get("reference", {"name": "hcp-s1200"})
     if c.fields(ref, "reference", {"name": False, "hemispheres": False}):
         if "hemispheres" in ref:
@@ -1034,6 +1040,11 @@ class Manifest:
                 self._ref = _EMBEDDED["hcp-s1200"]
         return self._ref
 
+    @property
+    def pairing(self) -> dict:
+        "How Nissl and PLI sections are paired (chapter 11): `max_distance_mm`, `max_angle_deg`, defaults filled in."
+        return {**PAIRING_DEFAULTS, **{k: float(v) for k, v in ((self.data or {}).get("pairing") or {}).items()}}
+
     def phantom_brain(self, brain_id: str):
         "The `PhantomBrain` of a phantom brain entry (built once)."
         if brain_id not in self._phantoms:
@@ -1140,7 +1151,6 @@ def manifest_fingerprint(path) -> str:
         for p in sorted({str(p) for p in extra}):
             h.update(f"{p}\t{path_fingerprint(p)}\n".encode())
     return h.hexdigest()
-
 
 # %% ../nbs/02_sections.ipynb #bb547985
 _DTYPES = ("uint8", "uint16", "float32", "float64")
@@ -1436,7 +1446,7 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
     """Write phantom sections as OME-Zarr (or tiled pyramidal TIFF with a mask TIFF, `format="tiff"`) plus
     `data_manifest.yml` into `out` (atomic, resumable); planes along `axis` at `positions` (mm along the cutting
     axis; default: `sections` evenly spread). Returns the manifest path."""
-    from tqdm import tqdm  # plain text bar: works in a shell and a notebook alike
+    from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
     from cytoclr.core import write_json_atomic  # noqa: F401 (core: every module may use it)
     out = Path(out)
     for k, v in (("--brains", brains), ("--sections", sections)):

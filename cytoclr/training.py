@@ -425,7 +425,7 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
     (`resume_mismatch`); otherwise a checkpoint of the book (`origin="book"`) is retrained from step 0 with a
     one-line message, and any other (`origin="cli"`: `cytoclr train`, torchrun) is refused, never overwritten.
     """
-    from tqdm import tqdm  # plain text bars: they work in terminals, logs and notebooks without widgets
+    from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
     cfg.validate()
     if origin not in ("book", "cli"):
         raise DataError(f"origin must be 'book' or 'cli', got {origin!r}", field="origin")

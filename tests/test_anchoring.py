@@ -194,3 +194,15 @@ def test_phantom_frames_leave_out_the_planes_near_test_planes(ref):
     assert all(s.series == "sagittal" for s in own) and not {s.id for s in own} & {s.id for s in sag}
     with pytest.raises(DataError, match="no test sections"):
         frame_sections(man, "phantom-0", "nissl", [])
+
+
+def test_compare_scores_reads_direction_and_intervals():
+    from cytoclr.anchoring import compare_scores
+    a = {"within_10mm": 0.3, "median_error_mm": 20.0, "ci95": {"within_10mm": [0.25, 0.35], "median_error_mm": [18, 22]}}
+    b = {"within_10mm": 0.1, "median_error_mm": 21.0, "ci95": {"within_10mm": [0.05, 0.15], "median_error_mm": [19, 25]}}
+    assert compare_scores(a, b, "within_10mm") == "better, intervals apart"
+    assert compare_scores(b, a, "within_10mm") == "worse, intervals apart"
+    assert compare_scores(a, b, "median_error_mm") == "better, intervals overlap"  # lower error is better
+    assert compare_scores(a, a, "median_error_mm") == "equal"
+    with pytest.raises(DataError, match="no score"):
+        compare_scores(a, b, "top7")

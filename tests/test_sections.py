@@ -465,12 +465,19 @@ def _break(kind, man, tmp_path):
     if kind == "displacement":
         s[0]["transform"]["displacement"] = "warp.nii"
         return "sections[0].transform.displacement", "not supported yet"
+    if kind == "pairing_negative":
+        man["pairing"] = {"max_distance_mm": -0.5}
+        return "pairing.max_distance_mm", "must be > 0, got -0.5"
+    if kind == "pairing_unknown":
+        man["pairing"] = {"max_distance": 1.0}
+        return "pairing.max_distance", "did you mean 'max_distance_mm'"
     raise AssertionError(kind)
 
 
 BROKEN = ["missing_field", "unknown_field", "missing_file", "checksum", "corrupt_image", "corrupt_chunk", "channels",
           "dtype", "spacing", "degenerate", "unknown_brain", "brain_in_two_splits", "section_in_two_splits",
-          "duplicate_id", "unknown_split", "bad_modality", "displacement", "empty_mask"]
+          "duplicate_id", "unknown_split", "bad_modality", "displacement", "empty_mask", "pairing_negative",
+          "pairing_unknown"]
 
 
 @pytest.mark.parametrize("kind", BROKEN)
@@ -488,6 +495,13 @@ def test_data_check_reports_broken_manifests(kind, tmp_path, ref, capsys):
     if kind not in ("checksum", "corrupt_image", "corrupt_chunk", "channels", "dtype", "empty_mask"):  # deep checks: `data check` only
         with pytest.raises(DataError, match=field.replace("[", r"\[").replace("]", r"\]")):
             load_manifest(p)
+
+
+def test_pairing_defaults_and_override(tmp_path, ref):
+    man = _good_manifest(tmp_path, ref)
+    assert load_manifest(_write(tmp_path, man)).pairing == {"max_distance_mm": 0.5, "max_angle_deg": 5.0}
+    man["pairing"] = {"max_distance_mm": 2}
+    assert load_manifest(_write(tmp_path, man)).pairing == {"max_distance_mm": 2.0, "max_angle_deg": 5.0}
 
 
 def test_data_check_without_checksums_skips_hashing(tmp_path, ref, capsys):
