@@ -190,39 +190,57 @@ def morton_order(vertices: np.ndarray, cell_mm: float = 2.0) -> np.ndarray:
     return np.argsort(code, kind="stable")
 
 
+_TABLE_JOB = {}  # the graph and settings of the table being built, inherited by forked workers
+
+
+def _table_chunk(s: int):
+    "Upper-triangle entries (rows, cols, values) of the sources order[s:s + chunk] (see `table_from_graph`)."
+    graph, vertices, order, cutoff_mm, chunk = _TABLE_JOB["args"]
+    src = np.sort(order[s:s + chunk])  # (c,) a spatially compact chunk of sources
+    lo, hi = vertices[src].min(0) - cutoff_mm, vertices[src].max(0) + cutoff_mm
+    sub = np.flatnonzero(((vertices >= lo) & (vertices <= hi)).all(1))  # (m,) every vertex a path can reach
+    d = geodesic_rows(graph[sub][:, sub], np.searchsorted(sub, src), cutoff_mm)  # (c, m)
+    r, c = np.nonzero(d < cutoff_mm)
+    keep = sub[c] > src[r]  # upper triangle only; the mirror below makes the table exactly symmetric
+    r, c = r[keep], c[keep]
+    return src[r].astype(np.int32), sub[c].astype(np.int32), d[r, c].astype(np.float32)
+
+
 def table_from_graph(graph: sp.csr_matrix, vertices: np.ndarray, cutoff_mm: float, chunk: int = 256,
-                     progress: bool = True) -> sp.csr_matrix:
-    "Symmetric CSR (n, n) float32 of all graph distances < `cutoff_mm`; diagonal stored as explicit 0."
+                     progress: bool = True, workers: int | None = None) -> sp.csr_matrix:
+    """Symmetric CSR (n, n) float32 of all graph distances < `cutoff_mm`; diagonal stored as explicit 0.
+
+    Chunks of sources run in `workers` forked processes (None: every core, at most 8; 1: this process);
+    scipy's Dijkstra holds the GIL, so threads would not help. The result does not depend on `workers`."""
+    import multiprocessing as mp
     from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
     n = graph.shape[0]
-    order = morton_order(vertices)
-    rows, cols, vals = [], [], []
-    for s in tqdm(range(0, n, chunk), desc=f"geodesic table ({n} vertices, {cutoff_mm:g} mm)", unit="chunk",
-                  disable=not progress, leave=False, mininterval=1.0):
-        src = np.sort(order[s:s + chunk])  # (c,) a spatially compact chunk of sources
-        lo, hi = vertices[src].min(0) - cutoff_mm, vertices[src].max(0) + cutoff_mm
-        sub = np.flatnonzero(((vertices >= lo) & (vertices <= hi)).all(1))  # (m,) every vertex a path can reach
-        d = geodesic_rows(graph[sub][:, sub], np.searchsorted(sub, src), cutoff_mm)  # (c, m)
-        r, c = np.nonzero(d < cutoff_mm)
-        keep = sub[c] > src[r]  # upper triangle only; the mirror below makes the table exactly symmetric
-        r, c = r[keep], c[keep]
-        rows.append(src[r].astype(np.int32))
-        cols.append(sub[c].astype(np.int32))
-        vals.append(d[r, c].astype(np.float32))
-    r, c, v = (np.concatenate(x) for x in (rows, cols, vals))
+    workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
+    starts = list(range(0, n, chunk))
+    _TABLE_JOB["args"] = (graph, vertices, morton_order(vertices), cutoff_mm, chunk)
+    bar = dict(total=len(starts), desc=f"geodesic table ({n} vertices, {cutoff_mm:g} mm)", unit="chunk",
+               disable=not progress, leave=False, mininterval=1.0)
+    try:
+        if workers > 1 and len(starts) > 1 and "fork" in mp.get_all_start_methods():
+            with mp.get_context("fork").Pool(min(workers, len(starts))) as pool:
+                parts = list(tqdm(pool.imap(_table_chunk, starts, chunksize=4), **bar))
+        else:
+            parts = [_table_chunk(s) for s in tqdm(starts, **bar)]
+    finally:
+        _TABLE_JOB.clear()
+    r, c, v = (np.concatenate(x) for x in zip(*parts))
     diag = np.arange(n, dtype=np.int32)
     t = sp.csr_matrix((np.concatenate([v, v, np.zeros(n, np.float32)]),
                        (np.concatenate([r, c, diag]), np.concatenate([c, r, diag]))), shape=(n, n))
     t.sort_indices()
     return t
 
-
 def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True, progress: bool = True,
-                   chunk: int = 256) -> sp.csr_matrix:
+                   chunk: int = 256, workers: int | None = None) -> sp.csr_matrix:
     """Symmetric CSR (n, n) float32: geodesic distance (mm) of every vertex pair closer than `cutoff_mm`.
 
     Absent entries are farther than the cutoff; the diagonal is stored as explicit zeros.
-    `cache`: True (the folder `cache_dir()`), False, or a folder."""
+    `cache`: True (the folder `cache_dir()`), False, or a folder; `workers`: processes (see `table_from_graph`)."""
     vertices, faces = check_surface(vertices, faces)
     cutoff_mm = _check_positive(cutoff_mm, "cutoff_mm")
     rings = _check_rings(rings)
@@ -233,7 +251,8 @@ def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True
         t = _load_cached(stem, folder, cutoff_mm, n)
         if t is not None:
             return t
-    t = table_from_graph(surface_graph(vertices, faces, rings), vertices, cutoff_mm, chunk=chunk, progress=progress)
+    t = table_from_graph(surface_graph(vertices, faces, rings), vertices, cutoff_mm, chunk=chunk, progress=progress,
+                         workers=workers)
     if folder is not None:
         with atomic_path(folder / f"{stem}-c{cutoff_mm:.6g}mm.npz") as tmp:
             np.savez(tmp, data=t.data, indices=t.indices, indptr=t.indptr, cutoff_mm=cutoff_mm, rings=int(rings))

@@ -103,6 +103,13 @@ def test_table_equals_full_graph_dijkstra(rng):
     assert np.allclose(d[fin], full[fin], rtol=1e-6, atol=1e-5)
 
 
+def test_table_does_not_depend_on_the_number_of_workers(rng):
+    v, f = grid(30, 1.0, jitter=0.2, rng=rng)
+    a = geodesic_table(v, f, 6.0, chunk=32, cache=False, progress=False, workers=1)
+    b = geodesic_table(v, f, 6.0, chunk=32, cache=False, progress=False, workers=2)  # forked processes
+    assert (a != b).nnz == 0 and np.array_equal(a.indices, b.indices)
+
+
 def test_morton_order_is_a_spatially_coherent_permutation(rng):
     v = rng.uniform(0, 100, (5000, 3))
     o = G.morton_order(v)
