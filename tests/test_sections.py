@@ -676,7 +676,7 @@ def test_phantom_export_is_byte_identical(tmp_path, ref):
 def test_default_manifest_phantom_sections():
     m = load_manifest(ROOT / "data_manifest.yml")
     s = m.split("test", modality="pli")[0]
-    assert s.channels == 3 and s.modality == "pli" and s.spacing_um == 32.0
+    assert s.channels == 3 and s.modality == "pli" and s.spacing_um == 64.0
     w = s.read(slice(1000, 1064), slice(1000, 1064))
     assert w.shape == (3, 64, 64) and w.dtype == np.float32
 
