@@ -199,7 +199,8 @@ def run_pipeline(profile: str | None = None, out=None, overrides: dict | None = 
     lib, prev_key, ran = _hash_library(), "", []
     fingerprints = {}
     live = progress and sys.stderr.isatty()
-    bar = tqdm(chapters, desc=f"run {name}", unit="chapter", disable=not progress, file=sys.stderr)
+    bar = tqdm(chapters, desc=f"run {name}", unit="chapter", file=sys.stderr,
+               disable=None if progress else True)  # None: off when stderr is not a terminal (CI logs)
     status = out / ".status"
     for nb in bar:
         stem = nb.stem
