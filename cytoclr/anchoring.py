@@ -23,7 +23,7 @@ __all__ = ['OUTLIER_MM', 'HEADLINE', 'LOWER_IS_BETTER', 'section_plane', 'plane_
            'weights_fingerprint', 'encoder_space', 'retrieve', 'nearest_in_frame', 'rank_of', 'topk_accuracy',
            'anchoring_scores', 'chance_anchoring', 'image_features', 'anchors_view', 'standardise', 'usable_frame',
            'anchor_errors', 'pooled_scores', 'compare_scores', 'evaluate_anchoring', 'frame_sections', 'plane_key',
-           'frame_group', 'cosine_topk']
+           'frame_group', 'weight_disagreement', 'cosine_topk']
 
 # %% ../nbs/09_anchoring.ipynb #0fbded33
 def section_plane(section) -> tuple[np.ndarray, np.ndarray]:
@@ -465,3 +465,31 @@ def frame_group(section, series_frames=("sagittal",)) -> str:
     series = getattr(section, "series", None)
     pos = _phantom_position(section)
     return str(series) if series in series_frames or pos is None else pos[0]
+
+# %% ../nbs/09_anchoring.ipynb #8289f529
+def weight_disagreement(distances, xyz, sigma_mm: float, kind: str = "gaussian", shortcut_ratio: float = 2.0) -> dict:
+    """How different the geodesic and the straight-line weights of locations xyz (n, 3) are, over their pairs.
+
+    `relative_difference`: sum |W_geo - W_line| / sum W_line (off the diagonal); `line_mass_on_shortcuts`: the share
+    of the straight-line weight on pairs at least `shortcut_ratio` times farther along the surface than through
+    space (the banks of a sulcus); `geo_over_line_mass`: sum W_geo / sum W_line; `pairs`: pairs with a straight-line
+    weight above 1e-3. `distances` is chapter 4's `SurfaceDistances` (both metrics on the same surface points)."""
+    from cytoclr.geodesic import geodesic_weights
+    xyz = np.asarray(xyz, np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) < 2:
+        raise DataError(f"xyz must be (n >= 2, 3) positions in mm, got {xyz.shape}", field="xyz")
+    if not shortcut_ratio > 1:
+        raise DataError(f"shortcut_ratio must be > 1, got {shortcut_ratio}", field="shortcut_ratio")
+    geo, _ = distances.from_xyz(xyz, "geodesic", allow_far=True)  # (n, n) inf across hemispheres / beyond cutoff
+    line, _ = distances.from_xyz(xyz, "euclidean", allow_far=True)  # (n, n) between the same surface points
+    wg = geodesic_weights(geo.astype(np.float64), sigma_mm, kind)
+    wl = geodesic_weights(line.astype(np.float64), sigma_mm, kind)
+    off = ~np.eye(len(xyz), dtype=bool)
+    total = wl[off].sum()
+    if total <= 0:
+        raise DataError(f"no two of the {len(xyz)} locations lie within reach of weights of sigma {sigma_mm} mm",
+                        field="xyz")
+    shortcut = off & (geo >= shortcut_ratio * line)
+    return dict(relative_difference=float(np.abs(wg - wl)[off].sum() / total),
+                line_mass_on_shortcuts=float(wl[shortcut].sum() / total), geo_over_line_mass=float(wg[off].sum() / total),
+                pairs=int((wl[off] > 1e-3).sum()), n=int(len(xyz)), sigma_mm=float(sigma_mm), kind=kind)

@@ -206,3 +206,52 @@ def test_compare_scores_reads_direction_and_intervals():
     assert compare_scores(a, a, "median_error_mm") == "equal"
     with pytest.raises(DataError, match="no score"):
         compare_scores(a, b, "top7")
+
+
+class _FoldDistances:
+    "A stub of `SurfaceDistances.from_xyz`: straight-line distances, and a surface distance that doubles across x = 0."
+
+    def from_xyz(self, xyz, kind="geodesic", allow_far=False):
+        d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
+        if kind == "geodesic":  # the two banks of a fold at x = 0: a path must go round it
+            across = (xyz[:, None, 0] < 0) != (xyz[None, :, 0] < 0)
+            d = np.where(across, 3.0 * d + 4.0, d)
+        return d, None
+
+
+def test_weight_disagreement_against_the_formula():
+    from cytoclr.anchoring import weight_disagreement
+    rng = np.random.default_rng(3)
+    xyz = rng.uniform(-6, 6, (30, 3))
+    got = weight_disagreement(_FoldDistances(), xyz, sigma_mm=2.0)
+    geo, _ = _FoldDistances().from_xyz(xyz)
+    line, _ = _FoldDistances().from_xyz(xyz, "euclidean")
+    diff = line_sum = short = geo_sum = 0.0
+    pairs = 0
+    for i in range(30):  # straight from the definition, pair by pair
+        for j in range(30):
+            if i == j:
+                continue
+            wg, wl = math.exp(-geo[i, j] ** 2 / 8.0), math.exp(-line[i, j] ** 2 / 8.0)
+            diff += abs(wg - wl)
+            line_sum += wl
+            geo_sum += wg
+            short += wl if geo[i, j] >= 2 * line[i, j] else 0.0
+            pairs += wl > 1e-3
+    assert np.isclose(got["relative_difference"], diff / line_sum)
+    assert np.isclose(got["line_mass_on_shortcuts"], short / line_sum)
+    assert np.isclose(got["geo_over_line_mass"], geo_sum / line_sum)
+    assert got["pairs"] == pairs and got["n"] == 30
+    assert 0 < got["line_mass_on_shortcuts"] < 1  # the fold really separates some close pairs
+    one_bank = weight_disagreement(_FoldDistances(), np.abs(xyz), sigma_mm=2.0)  # no pair crosses the fold
+    assert one_bank["relative_difference"] == 0 and one_bank["line_mass_on_shortcuts"] == 0
+
+
+def test_weight_disagreement_refuses_bad_input():
+    from cytoclr.anchoring import weight_disagreement
+    with pytest.raises(DataError, match="xyz"):
+        weight_disagreement(_FoldDistances(), np.zeros((1, 3)), 2.0)
+    with pytest.raises(DataError, match="shortcut_ratio"):
+        weight_disagreement(_FoldDistances(), np.zeros((3, 3)), 2.0, shortcut_ratio=1.0)
+    with pytest.raises(DataError, match="within reach"):
+        weight_disagreement(_FoldDistances(), np.array([[0, 0, 0], [500.0, 0, 0]]), 2.0, kind="threshold")
