@@ -38,11 +38,12 @@ def _call(fn, *args):
     return out, None
 
 
-def _pair(out, what: str):
-    "Split a returned pair (a, b); (None, message) if `out` is not a pair."
+def _array_pair(out, names: tuple, what: str):
+    "A returned pair (a, b) as two numpy arrays; (None, message) if `out` is not a pair of arrays."
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         return None, f"wrong: return a pair {what}, got {type(out).__name__}"
-    return tuple(out), None
+    (a, m1), (b, m2) = _array(out[0], names[0]), _array(out[1], names[1])
+    return (None, m1 or m2) if m1 or m2 else ((a, b), None)
 
 
 def _array(x, name: str):
@@ -106,12 +107,10 @@ def _check_cell_case(fn, c: dict):
     if verdict:
         return (None if verdict[1].startswith("not done") else False), verdict[1]
     where = f" (case: {c['name']})"
-    out, msg = _pair(out, "(section (n,), rc (n, 2))")
+    out, msg = _array_pair(out, ("section", "rc"), "(section (n,), rc (n, 2))")
     if msg:
         return False, msg + where
-    (section, msg1), (rc, msg2) = _array(out[0], "section"), _array(out[1], "rc")
-    if msg1 or msg2:
-        return False, (msg1 or msg2) + where
+    section, rc = out
     n, s, px = c["n"], len(masks), c["cell_px"]
     if section.shape != (n,):
         return False, f"wrong: section must have shape ({n},), got {section.shape}{where}"
@@ -258,12 +257,10 @@ def check_effective_positives(fn) -> tuple[bool, str]:
             where = f" (case: {c['name']})"
             if not np.array_equal(d_in, c["d"]):
                 return False, f"wrong: your function changed dist_mm in place: work on a copy (or a new array){where}"
-            out, msg = _pair(out, "(weights (b, b), eff (b,))")
+            out, msg = _array_pair(out, ("weights", "eff"), "(weights (b, b), eff (b,))")
             if msg:
                 return False, msg + where
-            (w, m1), (eff, m2) = _array(out[0], "weights"), _array(out[1], "eff")
-            if m1 or m2:
-                return False, (m1 or m2) + where
+            w, eff = out
             b, s, d = len(c["d"]), c["sigma"], c["d"].astype(np.float64)
             if w.shape != (b, b):
                 return False, f"wrong: weights must have shape ({b}, {b}), got {w.shape}{where}"

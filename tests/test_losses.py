@@ -7,21 +7,7 @@ import torch
 
 from cytoclr.losses import clip_loss, label_weights, spatial_nce, view_weights
 from cytoclr.core import DataError
-
-
-def slow_spatial_nce(z, w, tau):
-    "DESIGN.md section 2 written out with loops, in float64."
-    z = torch.nn.functional.normalize(z.detach().double(), dim=1)
-    n = len(z)
-    rows = []
-    for i in range(n):
-        wsum = sum(float(w[i, j]) for j in range(n) if j != i)
-        if wsum <= 0:
-            continue
-        denom = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n) if k != i)
-        acc = sum(float(w[i, j]) * math.log(math.exp(float(z[i] @ z[j]) / tau) / denom) for j in range(n) if j != i)
-        rows.append(-acc / wsum)
-    return sum(rows) / len(rows)
+from helpers import slow_spatial_nce
 
 
 def autograd_spatial_nce(z, w, tau):

@@ -8,6 +8,7 @@ import torch
 from cytoclr import training as T
 from cytoclr.anchoring import rank_of
 from cytoclr.core import DataError
+from helpers import Bomb, Interrupt
 from cytoclr.multimodal import (PairedDataset, chance_cross_modal, cross_modal_scores, nearest_copy, pair_sections,
                                 pli_positions, pli_targets, prediction_errors, train_decoder)
 
@@ -195,25 +196,6 @@ class ToySampler:
         return (perm[t * self.b:(t + 1) * self.b].tolist() for t in range(len(self)))
 
 
-class Interrupt(Exception):
-    pass
-
-
-class Bomb(T.BatchStream):
-    "A stream that raises after `after` batches (a killed job)."
-
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-
-    def __len__(self):
-        return len(self.inner)
-
-    def epoch(self, e, start=0):
-        for b in self.inner.epoch(e, start):
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
 
 
 def _stream():

@@ -18,6 +18,7 @@ from cytoclr.core import DataError
 from cytoclr.geodesic import geodesic_weights
 from cytoclr.losses import spatial_nce
 from cytoclr.sampling import straight_line
+from helpers import Bomb, Interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,25 +118,6 @@ def stream(n=40, b=8, nan_at=None, rank=0, world=1, views=2):
     return T.BatchStream(ToyData(n, views=views, nan_at=nan_at), ToySampler(n, b, rank=rank, world_size=world))
 
 
-class Interrupt(Exception):
-    pass
-
-
-class Bomb(T.BatchStream):
-    "A stream that raises after `after` batches in total (a killed job)."
-
-    def __init__(self, inner, after):
-        self.inner, self.after, self.count = inner, after, 0
-
-    def __len__(self):
-        return len(self.inner)
-
-    def epoch(self, e, start=0):
-        for b in self.inner.epoch(e, start):
-            if self.count == self.after:
-                raise Interrupt()
-            self.count += 1
-            yield b
 
 
 def weights_of(path):
