@@ -16,11 +16,17 @@ initialisation; their final losses must agree). Also the old configuration over 
 two mixed configurations, so that the gain splits into patch size and data path. Crops are rendered once before
 timing in every configuration (the cache); "data only" is the stream without the model.
 
+Part 3 (side by side): the chapter's runs, two Nissl and two PLI (geodesic, simclr) on the real data path,
+trained by `train_many` (one forked worker per core, one thread each) vs `train` one run after another with
+every core (the loop a user writes). The quick encoder's small convolutions scale poorly to a second thread, so
+the workers finish sooner; the ratio of wall times is printed.
+
 Runs alternate (bare, trainer, ...) and the medians are compared; only ratios within one run mean anything (the
 machine's speed changes 2x between days). Goal: trainer throughput >= 0.9 x the bare loop, in both parts.
 
     .venv/bin/python benchmarks/bench_training.py [--steps 40] [--real-steps 20] [--repeats 3] [--samples 4096]
-                                                  [--only synthetic|real] [--threads N]
+                                                  [--only synthetic|real|parallel] [--threads N]
+                                                  [--parallel-steps 150]
 
 Under heavy load from other processes, wall-clock rates of multi-threaded runs swing several-fold within seconds:
 ratios are also given as medians of per-repeat ratios, and in CPU time (images per CPU-second of this process),
@@ -29,6 +35,7 @@ which with `--threads 1` measures the work itself.
 import argparse
 import dataclasses
 import math
+import os
 import re
 import statistics
 import sys
@@ -351,6 +358,49 @@ def real(a):
               f"only, batched / per-view: {med(d[n64b] / d[n64v]):.2f}x at 64 px, {med(d[n128b] / d[n128v]):.2f}x at 128 px")
 
 
+def parallel(a):
+    """Part 3: the chapter's runs side by side (`train_many`, one core each) vs one after another on every core
+    (`train` in a loop: what a user writes). Two Nissl and two PLI runs of the real data path."""
+    from cytoclr.sections import load_manifest
+    man = load_manifest(str(ROOT / "data_manifest.yml"))
+    dist = T.surface_distances(man.reference, 30.0, progress=False)
+    jobs_of = []  # (cfg, data) of every run; the data streams are built once and shared by both sides
+    for modality in ("nissl", "pli"):
+        base = T.TrainConfig(modality=modality, arch="quick", steps=a.parallel_steps, batch_size=a.batch, views=2,
+                             checkpoint_every=a.parallel_steps, log_every=10, warmup_steps=5).validate()
+        dcfg = T.DataConfig(manifest=str(ROOT / "data_manifest.yml"), modality=modality, n_samples=a.samples,
+                            patch_px=64, neighbours=3, cache=True)
+        sections, samples, ref = T.load_training_samples(dcfg, man, progress=False)
+        data = T.build_data(dcfg, base, sections, samples, ref, distances=dist, progress=False)
+        data.dataset.crops  # rendered once, outside the timings
+        jobs_of += [(dataclasses.replace(base, method=m), data) for m in ("geodesic", "simclr")]
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n[3, side by side] {len(jobs_of)} runs (Nissl and PLI x geodesic, simclr) of {a.parallel_steps} steps x "
+          f"{a.batch} locations x 2 views; {cores} cores, torch threads {torch.get_num_threads()} when one after another")
+    walls = {"one after another (train)": [], "side by side (train_many)": []}
+    losses = {}
+    for r in range(a.repeats):
+        for name in walls:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                if name.startswith("one"):
+                    res = [T.train(cfg, data, tmp, distances=dist, progress=False, write_metrics=False) for cfg, data in jobs_of]
+                else:
+                    res = T.train_many([T.TrainJob(cfg, data, tmp, distances=dist, write_metrics=False)
+                                        for cfg, data in jobs_of], workers=cores, progress=False)
+                walls[name].append(time.perf_counter() - t0)
+                losses[name] = [x.final_loss for x in res]
+        print(f"  repeat {r + 1}: " + ", ".join(f"{n} {w[-1]:.1f} s" for n, w in walls.items()), file=sys.stderr)
+    images = sum(cfg.steps * cfg.batch_size * cfg.views for cfg, _ in jobs_of)
+    seq, par = (statistics.median(w) for w in walls.values())
+    for n, w in walls.items():
+        print(f"  {n:28s} {statistics.median(w):7.1f} s  {images / statistics.median(w):6.0f} images/s in all")
+    dl = max(abs(x - y) for x, y in zip(*losses.values()))
+    print(f"[3, side by side] train_many / one after another: {seq / par:.2f}x faster (median of {a.repeats} alternating "
+          f"repeats; per-repeat ratios {', '.join(f'{x / y:.2f}' for x, y in zip(*walls.values()))}); final losses differ "
+          f"by at most {dl:.1e} (one thread vs {torch.get_num_threads()}: another summation order)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="steps per run, part 1")
@@ -360,16 +410,19 @@ def main():
     ap.add_argument("--batch", type=int, default=64, help="locations per step (x 2 views)")
     ap.add_argument("--samples", type=int, default=4096, help="training locations, part 2")
     ap.add_argument("--max-sections", type=int, default=0, help="train sections used in part 2 (0: all)")
-    ap.add_argument("--only", choices=("synthetic", "real"), help="run one part only")
+    ap.add_argument("--parallel-steps", type=int, default=150, help="steps per run, part 3")
+    ap.add_argument("--only", choices=("synthetic", "real", "parallel"), help="run one part only")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). With 1 thread the CPU "
                     "columns measure the work itself, whatever else runs on the machine")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.only != "real":
+    if a.only in (None, "synthetic"):
         synthetic(a)
-    if a.only != "synthetic":
+    if a.only in (None, "real"):
         real(a)
+    if a.only in (None, "parallel"):
+        parallel(a)
 
 
 if __name__ == "__main__":

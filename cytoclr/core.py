@@ -26,8 +26,8 @@ import yaml
 # %% auto #0
 __all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'atomic_path',
            'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics', 'update_metrics',
-           'save_figure', 'forget_outputs', 'progress', 'source_fingerprint', 'path_fingerprint', 'provenance',
-           'cosine_topk', 'topk_agreement']
+           'save_figure', 'forget_outputs', 'progress', 'usable_cores', 'fork_map', 'source_fingerprint',
+           'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
 
 # %% ../nbs/00_core.ipynb #e9f08793
 class DataError(ValueError):
@@ -242,6 +242,63 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("mininterval", 1.0)
     return _PROGRESS(iterable, **kwargs)
+
+# %% ../nbs/00_core.ipynb #b7c1a002
+_FORK_JOB: dict = {}  # the function and items of the running `fork_map`, inherited by its forked workers
+
+
+def usable_cores() -> int:
+    "Cores this process may run on (its CPU affinity, else the machine's count)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _fork_call(chunk: range) -> list:
+    from threadpoolctl import threadpool_limits
+    if "torch" in sys.modules:  # one thread, always (libgomp hangs in a forked child that asks for more)
+        sys.modules["torch"].set_num_threads(1)
+    with threadpool_limits(1):
+        return [_FORK_JOB["fn"](_FORK_JOB["items"][i]) for i in chunk]
+
+
+def fork_map(fn, items, workers: int | None = None, chunksize: int = 1, on_wait=None, **bar) -> list:
+    """`[fn(x) for x in items]` in `workers` forked processes with one thread each (None or 0: one per core).
+
+    `fn` and `items` reach the workers by fork (no pickling), results come back pickled and in order. With one
+    worker or one item, or without fork, everything runs here instead (with this process's threads). `on_wait()`
+    is called about once a second while results are pending; `bar` (tqdm's arguments, e.g. desc) shows a
+    progress bar of finished items, none without it."""
+    import multiprocessing as mp
+    items = list(items)
+    workers = usable_cores() if workers in (None, 0) else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise DataError(f"workers must be a positive number of processes (or 0/None: one per core), got {workers!r}",
+                        field="workers")
+    pbar = progress(total=len(items), **{"disable": not bar, "mininterval": 2.0, **bar})
+    try:
+        if workers == 1 or len(items) < 2 or "fork" not in mp.get_all_start_methods():
+            out = []
+            for x in items:
+                out.append(fn(x))
+                pbar.update(1)
+            return out
+        _FORK_JOB.update(fn=fn, items=items)
+        out = []
+        cs = max(1, int(chunksize))
+        chunks = [range(s, min(s + cs, len(items))) for s in range(0, len(items), cs)]
+        with mp.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            it = pool.imap(_fork_call, chunks)
+            while len(out) < len(items):
+                try:
+                    got = it.next(timeout=1.0)  # re-raises a worker's error here
+                    out += got
+                    pbar.update(len(got))
+                except mp.TimeoutError:
+                    if on_wait is not None:
+                        on_wait()
+        return out
+    finally:
+        _FORK_JOB.clear()
+        pbar.close()
 
 # %% ../nbs/00_core.ipynb #21bbd158
 class _StripDocstrings(ast.NodeTransformer):

@@ -190,12 +190,8 @@ def morton_order(vertices: np.ndarray, cell_mm: float = 2.0) -> np.ndarray:
     return np.argsort(code, kind="stable")
 
 
-_TABLE_JOB = {}  # the graph and settings of the table being built, inherited by forked workers
-
-
-def _table_chunk(s: int):
+def _table_chunk(s: int, graph, vertices, order, cutoff_mm: float, chunk: int):
     "Upper-triangle entries (rows, cols, values) of the sources order[s:s + chunk] (see `table_from_graph`)."
-    graph, vertices, order, cutoff_mm, chunk = _TABLE_JOB["args"]
     src = np.sort(order[s:s + chunk])  # (c,) a spatially compact chunk of sources
     lo, hi = vertices[src].min(0) - cutoff_mm, vertices[src].max(0) + cutoff_mm
     sub = np.flatnonzero(((vertices >= lo) & (vertices <= hi)).all(1))  # (m,) every vertex a path can reach
@@ -211,23 +207,15 @@ def table_from_graph(graph: sp.csr_matrix, vertices: np.ndarray, cutoff_mm: floa
     """Symmetric CSR (n, n) float32 of all graph distances < `cutoff_mm`; diagonal stored as explicit 0.
 
     Chunks of sources run in `workers` forked processes (None: every core, at most 8; 1: this process);
-    scipy's Dijkstra holds the GIL, so threads would not help. The result does not depend on `workers`."""
-    import multiprocessing as mp
-    from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
+    scipy's Dijkstra holds the GIL, so threads would not help (`cytoclr.core.fork_map`). The result does not depend on `workers`."""
+    from cytoclr.core import fork_map, usable_cores
     n = graph.shape[0]
-    workers = min(os.cpu_count() or 1, 8) if workers is None else int(workers)
+    workers = min(usable_cores(), 8) if workers is None else int(workers)
     starts = list(range(0, n, chunk))
-    _TABLE_JOB["args"] = (graph, vertices, morton_order(vertices), cutoff_mm, chunk)
-    bar = dict(total=len(starts), desc=f"geodesic table ({n} vertices, {cutoff_mm:g} mm)", unit="chunk",
-               disable=not progress, leave=False, mininterval=1.0)
-    try:
-        if workers > 1 and len(starts) > 1 and "fork" in mp.get_all_start_methods():
-            with mp.get_context("fork").Pool(min(workers, len(starts))) as pool:
-                parts = list(tqdm(pool.imap(_table_chunk, starts, chunksize=4), **bar))
-        else:
-            parts = [_table_chunk(s) for s in tqdm(starts, **bar)]
-    finally:
-        _TABLE_JOB.clear()
+    args = (graph, vertices, morton_order(vertices), cutoff_mm, chunk)  # reach forked workers by fork, not pickled
+    parts = fork_map(lambda s: _table_chunk(s, *args), starts, workers, chunksize=4,
+                     desc=f"geodesic table ({n} vertices, {cutoff_mm:g} mm)", unit="chunk", disable=not progress,
+                     leave=False, mininterval=1.0)
     r, c, v = (np.concatenate(x) for x in zip(*parts))
     diag = np.arange(n, dtype=np.int32)
     t = sp.csr_matrix((np.concatenate([v, v, np.zeros(n, np.float32)]),

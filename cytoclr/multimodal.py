@@ -69,6 +69,15 @@ class PairedDataset(torch.utils.data.Dataset):
                                 augment=Augment("pli") if augment else None, seed=seed + 1, cache=cache, progress=progress)
         self.samples = samples
 
+    @property
+    def cache(self) -> bool:
+        return self.nissl.cache
+
+    @property
+    def crops(self):
+        "The cached crops of both modalities (rendered on first use), or None without `cache`."
+        return (self.nissl.crops, self.pli.crops) if self.cache else None
+
     def set_epoch(self, epoch: int):
         self.nissl.set_epoch(epoch)
         self.pli.set_epoch(epoch)

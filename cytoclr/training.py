@@ -34,9 +34,9 @@ from .core import (DataError, atomic_path, parse_assignment, read_yaml_mapping, 
 __all__ = ['METHODS', 'MODALITIES', 'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig',
            'make_weighting', 'lr_factor', 'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything',
            'build_model', 'make_optimizer', 'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint',
-           'TrainingDiverged', 'TrainResult', 'read_log', 'resume_mismatch', 'train', 'load_model', 'load_encoder',
-           'DataConfig', 'run_identity', 'spread', 'load_training_samples', 'build_data', 'surface_distances',
-           'split_config', 'build_parser', 'main']
+           'TrainingDiverged', 'TrainResult', 'read_log', 'resume_mismatch', 'train', 'TrainJob', 'record_training',
+           'train_many', 'load_model', 'load_encoder', 'DataConfig', 'run_identity', 'spread', 'load_training_samples',
+           'build_data', 'surface_distances', 'split_config', 'build_parser', 'main']
 
 # %% ../nbs/07_training.ipynb #994889c2
 METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random", "clip", "clip_geodesic")  # "random": untrained
@@ -578,10 +578,10 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
     rows = read_log(log_csv) if rank == 0 else []
     final = float(np.mean([r["loss"] for r in rows[-cfg.log_every:]])) if rows else float(np.mean(recent))
     ips = imgs / secs if secs > 0 else float("nan")
+    result = TrainResult(cfg.method, step, final, ips, ckpt, log_csv, [(int(r["step"]), r["loss"]) for r in rows])
     if rank == 0 and write_metrics:
-        update_metrics(run_dir, {"training": {cfg.modality: {cfg.method: {
-            "final_loss": final, "images_per_second": ips, "steps": step, "world_size": world}}}})
-    return TrainResult(cfg.method, step, final, ips, ckpt, log_csv, [(int(r["step"]), r["loss"]) for r in rows])
+        record_training(run_dir, cfg, result, world)
+    return result
 
 
 def _where(step: int, cfg: TrainConfig, sched) -> str:
@@ -597,6 +597,104 @@ def _last_good(ckpt: Path) -> str:
     except Exception:
         step = "?"
     return f"the last good checkpoint (step {step}) is kept at {ckpt}"
+
+# %% ../nbs/07_training.ipynb #7a1f0c2f
+@dataclass
+class TrainJob:
+    "One run for `train_many`: the arguments of `train` (forked workers share `data`, nothing is copied or pickled)."
+    cfg: TrainConfig
+    data: BatchStream | None
+    run_dir: str | Path
+    distances: object = None  # a `cytoclr.geodesic.SurfaceDistances` (geodesic, euclidean)
+    identity: dict | None = None
+    meta: dict | None = None
+    write_metrics: bool = True  # record the result under training.<modality>.<method> of run_dir/metrics.json
+    model: nn.Module | None = None  # default: build_model(cfg)
+    weighting: tuple | None = None  # default: make_weighting(cfg.method, ...)
+
+    def cost(self) -> float:
+        "Relative work of the run (images x channels): longer runs start first."
+        channels = getattr(getattr(self.data, "dataset", None), "channels", 1)
+        return 0.0 if self.cfg.method == "random" else self.cfg.steps * self.cfg.batch_size * self.cfg.views * channels
+
+
+def record_training(run_dir, cfg: TrainConfig, result: TrainResult, world: int = 1):
+    "A run's final loss, steps and throughput under training.<modality>.<method> of run_dir/metrics.json."
+    update_metrics(run_dir, {"training": {cfg.modality: {cfg.method: {
+        "final_loss": result.final_loss, "images_per_second": result.images_per_second, "steps": result.steps,
+        "world_size": world}}}})
+
+
+def _run_job(job: TrainJob, progress: bool, write_metrics: bool) -> TrainResult:
+    return train(job.cfg, job.data, job.run_dir, model=job.model, weighting=job.weighting, distances=job.distances,
+                 progress=progress, write_metrics=write_metrics, meta=job.meta, identity=job.identity)
+
+
+def _logged_steps(job: TrainJob) -> int:
+    "Rows of the job's log.csv: its steps so far (the trainer writes a row per step, line-buffered)."
+    path = log_dir(job.run_dir, job.cfg.modality, job.cfg.method) / "log.csv"
+    try:
+        return max(0, path.read_bytes().count(b"\n") - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def train_many(jobs, workers: int | None = None, progress: bool = True) -> list[TrainResult]:
+    """Train `jobs` (`TrainJob`s) and return their results in the same order.
+
+    On a CPU the small encoders of the quick profile scale poorly to a second thread, so runs go faster side by
+    side, one core each (`benchmarks/bench_training.py --only parallel` measures it): `workers` forked processes (None or 0: one per core) train the longest runs first, one thread each; the
+    runs that would leave cores idle at the end (`len % workers` shortest ones) then train here on every core.
+    `workers=1`, CUDA and torchrun train every run here, one after another. Every run checkpoints, resumes and
+    gives its result exactly as `train` alone would with the same number of threads; metrics.json is written
+    here, never by two processes at once. An error in any run stops all of them (checkpoints stay valid)."""
+    from cytoclr.core import fork_map, progress as tqdm, usable_cores
+    jobs = list(jobs)
+    workers = usable_cores() if workers in (None, 0) else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise DataError(f"workers must be a positive number of processes (or 0/None: one per core), got {workers!r}",
+                        field="workers")
+    for j in jobs:
+        if not isinstance(j, TrainJob):
+            raise DataError(f"train_many takes TrainJob items, got {type(j).__name__}", field="jobs")
+    results: dict[int, TrainResult] = {}
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost())  # longest first, random (no work) last
+    work = [i for i in order if jobs[i].cost() > 0]
+    forkable = (workers > 1 and len(work) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized()
+                and all(torch.device(jobs[i].cfg.device).type == "cpu" for i in work))
+    pooled = work[:len(work) - len(work) % workers] if forkable else []
+    if len(pooled) < 2:
+        pooled = []
+    if pooled:
+        for i in pooled:  # render cached crops once, here: the workers share them (copy-on-write)
+            ds = getattr(jobs[i].data, "dataset", None)
+            if getattr(ds, "cache", False):
+                ds.crops
+        total = sum(jobs[i].cfg.steps for i in pooled)
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=f"train {len(pooled)} runs, {workers} at once", unit="step", mininterval=2.0,
+                   disable=not progress, file=sys.stderr)
+
+        def show():
+            bar.n = sum(_logged_steps(jobs[i]) for i in pooled)
+            bar.refresh()
+        try:
+            done = fork_map(lambda i: _run_job(jobs[i], progress=False, write_metrics=False), pooled, workers,
+                            on_wait=show)
+            show()
+        finally:
+            bar.close()
+        for i, r in zip(pooled, done):
+            results[i] = r
+            if jobs[i].write_metrics:
+                record_training(jobs[i].run_dir, jobs[i].cfg, r)
+        if progress:
+            print(f"{len(pooled)} runs, {min(workers, len(pooled))} at once with one core each: "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+    for i in order:  # the rest: here, one after another, with every core
+        if i not in results:
+            results[i] = _run_job(jobs[i], progress, jobs[i].write_metrics)
+    return [results[i] for i in range(len(jobs))]
 
 # %% ../nbs/07_training.ipynb #e5738fee
 def load_model(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -333,3 +334,36 @@ def test_cosine_topk_agrees_with_faiss(rng):
     d_f, i_f = index.search(q, 20)
     idx, sim = cosine_topk(q, f, 20)
     assert topk_agreement(idx, sim, i_f, d_f, tol=1e-6) == 1.0
+
+
+# ---------------------------------------------------------------- fork_map
+def test_fork_map_returns_in_order_what_a_loop_returns():
+    from cytoclr.core import fork_map
+    big = np.arange(100_000)  # a closure over a large array: it reaches the workers by fork
+    fn = lambda i: (os.getpid(), int(big[i::13].sum()))
+    want = [int(big[i::13].sum()) for i in range(13)]
+    for chunksize in (1, 3, 20):
+        got = fork_map(fn, range(13), workers=2, chunksize=chunksize)
+        assert [v for _, v in got] == want
+    assert len({p for p, _ in fork_map(fn, range(13), workers=2)}) == 2  # two worker processes did the work
+    assert {p for p, _ in fork_map(fn, range(13), workers=1)} == {os.getpid()}  # one worker: here
+    assert fork_map(fn, [], workers=2) == []
+
+
+def test_fork_map_workers_run_one_thread_and_errors_come_back():
+    import torch
+    from cytoclr.core import fork_map
+    assert fork_map(lambda _: torch.get_num_threads(), range(4), workers=2) == [1] * 4
+    waits = []
+    assert fork_map(lambda s: time.sleep(s) or s, [1.5, 0.1], workers=2, on_wait=lambda: waits.append(1)) == [1.5, 0.1]
+    assert waits  # called while a worker was busy
+
+    def boom(i):
+        if i == 3:
+            raise DataError("bad item", field="items[3]")
+        return i
+    with pytest.raises(DataError, match="bad item"):
+        fork_map(boom, range(6), workers=2)
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(DataError, match="workers must be a positive number"):
+            fork_map(boom, range(2), workers=bad)

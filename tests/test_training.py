@@ -532,3 +532,51 @@ def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
         with pytest.raises(DataError) as e:
             T.load_training_samples(T.DataConfig(brains=bad), _Manifest())
         assert e.value.field == "brains" and "b0" in str(e.value) and e.value.file == "m.yml"
+
+
+# ---------------------------------------------------------------- several runs at once
+def _jobs(run_dir, methods, nan_at=None):
+    return [T.TrainJob(cfg_(method=m, steps=8),
+                       stream(nan_at=nan_at if m == "supcon" else None), run_dir, distances=toy_distances,
+                       model=ToyModel(dropout=0.2)) for m in methods]
+
+
+@pytest.fixture
+def one_thread():
+    "The reference runs with the workers' single thread, so that both sides sum in the same order."
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("methods", [["geodesic", "simclr", "supcon", "euclidean"], ["geodesic", "simclr", "random", "supcon"]])
+def test_train_many_gives_what_one_run_after_another_gives(tmp_path, methods, one_thread):
+    "Two forked workers (and, for an odd count, the last run here) equal `train` run by run: weights, logs, metrics."
+    a, b = tmp_path / "many", tmp_path / "one_by_one"
+    res = T.train_many(_jobs(a, methods), workers=2, progress=False)
+    assert [r.method for r in res] == methods
+    for j in _jobs(b, methods):
+        T.train(j.cfg, j.data, b, model=j.model, distances=toy_distances, progress=False)
+    ma, mb = (json.loads((d / "metrics.json").read_text())["training"]["nissl"] for d in (a, b))
+    assert sorted(ma) == sorted(m for m in methods if m != "random") == sorted(mb)
+    for m in methods:
+        wa, wb = weights_of(ckpt_of(a, m)), weights_of(ckpt_of(b, m))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), m
+        if m != "random":
+            assert losses_of(a, m) == losses_of(b, m) and len(losses_of(a, m)) == 8
+            assert ma[m]["final_loss"] == mb[m]["final_loss"] and ma[m]["steps"] == 8
+
+
+def test_train_many_stops_on_a_workers_error_and_checks_its_arguments(tmp_path, one_thread):
+    with pytest.raises(T.TrainingDiverged, match="non-finite embeddings"):
+        T.train_many(_jobs(tmp_path, ["simclr", "supcon"], nan_at=(0, 5)), workers=2, progress=False)
+    ck = T.checkpoint_path(tmp_path, "nissl", "supcon")
+    assert not ck.exists() or torch.load(ck, weights_only=False)["step"] < 8  # the last good checkpoint, if any
+    m = json.loads((tmp_path / "metrics.json").read_text())["training"]["nissl"] if (tmp_path / "metrics.json").exists() else {}
+    assert "supcon" not in m
+    with pytest.raises(DataError, match="workers must be a positive number"):
+        T.train_many(_jobs(tmp_path, ["simclr"]), workers=-1)
+    with pytest.raises(DataError, match="TrainJob"):
+        T.train_many([cfg_()])
+    assert T.train_many([]) == []
