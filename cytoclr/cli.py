@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     c = sub.add_parser("clean", help="show or remove what runs and caches keep on disk",
-                       description="Without options: list the disk used by the geodesic cache, run folders and the "
+                       description="Without options: list the disk used by the cache (geodesic tables, phantom plane geometry), run folders and the "
                                    "built book. With options: remove them.")
-    c.add_argument("--cache", action="store_true", help="remove the geodesic tables ($CYTOCLR_CACHE or ~/.cache/cytoclr)")
+    c.add_argument("--cache", action="store_true", help="remove the caches: geodesic tables and phantom plane geometry ($CYTOCLR_CACHE or ~/.cache/cytoclr)")
     c.add_argument("--runs", action="store_true", help="remove the run folders under runs/")
     c.add_argument("--build", action="store_true", help="remove the built book (_build/)")
     c.add_argument("--all", action="store_true", help="all of the above")
@@ -111,10 +111,10 @@ def _size(path: Path) -> int:
 
 
 def clean(cache=False, runs=False, build=False, root=None) -> int:
-    "`cytoclr clean`: list (or remove) the geodesic cache, the run folders and the built book."
+    "`cytoclr clean`: list (or remove) the cache, the run folders and the built book."
     from cytoclr.geodesic import cache_dir
     root = Path(root or Path.cwd())
-    places = [("geodesic cache", cache_dir(), cache), ("run folders", root / "runs", runs), ("built book", root / "_build", build)]
+    places = [("cache (geodesic tables, plane geometry)", cache_dir(), cache), ("run folders", root / "runs", runs), ("built book", root / "_build", build)]
     for what, path, remove in places:
         size = _size(path)
         if remove and path.exists():

@@ -5,6 +5,7 @@
 # %% ../nbs/01_phantom.ipynb #17e82add
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -14,10 +15,11 @@ from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
 __all__ = ['LAYERS', 'AREA_TYPES', 'GIANT_UM', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'ATLAS_SEED', 'VARIATION_DEFAULTS', 'AXES',
-           'MODALITIES', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'TEXTURE_MM',
-           'TEX_SCALE', 'TEX_OFFSET', 'READ_TILE_PX', 'area_base_name', 'area_type_of', 'laminar_profile',
-           'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection', 'poisson_table',
-           'depth_profile', 'area_type_index', 'profile_classification']
+           'MODALITIES', 'GEOMETRY_CACHE_ENV', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS',
+           'TEXTURE_MM', 'TEX_SCALE', 'TEX_OFFSET', 'READ_TILE_PX', 'area_base_name', 'area_type_of', 'laminar_profile',
+           'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection',
+           'geometry_cache_path', 'plane_geometry', 'poisson_table', 'depth_profile', 'area_type_index',
+           'profile_classification']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
 LAYERS = ("I", "II", "III", "IV", "V", "VI")
@@ -473,7 +475,7 @@ class PhantomSection:
 
     @property
     def geometry(self) -> dict:
-        "The section's geometry on a coarse grid (computed once per plane): fields (na, nb, F), area and vertex (na, nb)."
+        "The section's geometry on a coarse grid (computed once per plane, `plane_geometry`): fields (na, nb, F), area and vertex (na, nb)."
         if self._geom is None:
             # spacing, rotation, flip and shrinkage do not change it; a region (a smaller tissue box) does
             key = (self.axis, self.y_mm, self.tilt_deg, tuple(self.tissue_box.ravel().tolist()))
@@ -481,7 +483,7 @@ class PhantomSection:
             if key not in cache:
                 while len(cache) >= 8:  # a small memory (about 20 MB per plane): the most recent planes
                     cache.pop(next(iter(cache)))
-                cache[key] = self._compute_geometry()
+                cache[key] = plane_geometry(self, key)  # from the disk cache, or computed and stored there
             self._geom = cache[key]
         return self._geom
 
@@ -519,9 +521,8 @@ class PhantomSection:
         # area of a neighbour (nodes inside keep their own)
         from scipy.ndimage import maximum_filter
         filled = np.where(area > 0, area, maximum_filter(area, size=3, mode="nearest"))
-        return dict(origin=np.array([a0, b0]), step=g, fields=F3, flat=F,
-                    flat4=np.ascontiguousarray(F[:, :4]), area=area, area_fill=filled.ravel(),
-                    vertex=np.where(near, gv, -1).astype(np.int32).reshape(na, nb))
+        return _geometry_dict(np.array([a0, b0]), g, F, area, filled.ravel(),
+                              np.where(near, gv, -1).astype(np.int32).reshape(na, nb))
 
     def _interp(self, a, b, n_fields: int = 10, table=None):
         """Bilinear interpolation of the first `n_fields` coarse fields (or of the columns of `table`, nodes x fields)
@@ -543,6 +544,73 @@ class PhantomSection:
         out = top + tb * (g01 + ta * (g11 - g01) - top)
         area = np.take(G["area_fill"], i00 + (ta[:, 0] > 0.5) * nb + (tb[:, 0] > 0.5))  # nearest node
         return out[:, :n_fields], area
+
+# %% ../nbs/01_phantom.ipynb #3c9e7d01
+GEOMETRY_CACHE_ENV = "CYTOCLR_GEOMETRY_CACHE"  # "0": never read or write plane geometry on disk
+
+
+def _geometry_dict(origin, step: float, flat, area, area_fill, vertex) -> dict:
+    "A plane's geometry from its arrays: flat (na * nb, F) float32 fields, area and vertex (na, nb), area_fill (na * nb,)."
+    na, nb = area.shape
+    flat = np.ascontiguousarray(flat, np.float32)
+    return dict(origin=np.asarray(origin, np.float64), step=float(step), fields=flat.reshape(na, nb, -1), flat=flat,
+                flat4=np.ascontiguousarray(flat[:, :4]), area=area, area_fill=area_fill, vertex=vertex)
+
+
+def _brain_fingerprint(brain) -> str:
+    "SHA-256 of what a plane's geometry depends on besides the plane: the code, the subject and the reference."
+    import hashlib
+    import json
+    from .core import source_fingerprint
+    fp = getattr(brain, "_geometry_fingerprint", None)
+    if fp is None:
+        ref = brain.ref
+        h = hashlib.sha256(source_fingerprint("cytoclr.phantom", "cytoclr.reference").encode())
+        h.update(json.dumps({"seed": brain.seed, "variation": brain.variation, "areas": list(ref.area_names),
+                             "ref": [ref.lateral_tol_mm, ref.k_candidates, ref.search_radius_mm]},
+                            sort_keys=True, default=repr).encode())
+        for hemi in ref.hemis:
+            for a in (ref.white[hemi], ref.pial[hemi], ref.mid[hemi], ref.faces[hemi], ref.labels[hemi]):
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+        brain._geometry_fingerprint = fp = h.hexdigest()
+    return fp
+
+
+def geometry_cache_path(brain, key):
+    "The file of plane `key`'s geometry in `cache_dir()/phantom_geometry` (None when $CYTOCLR_GEOMETRY_CACHE is 0)."
+    import hashlib
+    from .geodesic import cache_dir
+    if os.environ.get(GEOMETRY_CACHE_ENV, "1") == "0":
+        return None
+    digest = hashlib.sha256(f"{_brain_fingerprint(brain)}|{key!r}".encode()).hexdigest()[:40]
+    return cache_dir() / "phantom_geometry" / f"{digest}.npz"
+
+
+def plane_geometry(section, key) -> dict:
+    """The geometry of `section`'s plane: read from the disk cache, or computed and written there (atomically).
+
+    Every chapter is its own process, and most read the same planes: computing a plane costs about a second,
+    reading it a few milliseconds. A damaged or unreadable file is computed again; a disk that cannot be written
+    only costs the time. The file name depends on the phantom's and the reference's code, the subject and the plane."""
+    import zipfile
+    from .core import atomic_path
+    path = geometry_cache_path(section._b, key)
+    if path is not None and path.exists():
+        try:
+            with np.load(path) as z:
+                return _geometry_dict(z["origin"], z["step"], z["flat"], z["area"], z["area_fill"], z["vertex"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # computed and written again below
+    g = section._compute_geometry()
+    if path is not None:
+        try:
+            with atomic_path(path) as tmp:
+                np.savez_compressed(tmp, **{k: g[k] for k in ("origin", "step", "flat", "area", "area_fill", "vertex")})
+        except OSError:
+            pass
+    return g
 
 # %% ../nbs/01_phantom.ipynb #461d1ed0
 def _cortex(f):

@@ -327,3 +327,42 @@ def test_bad_parameters_name_the_parameter(brain, ref):
         PhantomBrain(1, ref=ref, colour=3)
     with pytest.raises(DataError, match="seed"):
         PhantomBrain(-1, ref=ref)
+
+
+# -- plane geometry kept on disk across processes -----------------------------------------------------------------
+def test_plane_geometry_from_the_disk_cache_is_the_computed_one(ref, tmp_path, monkeypatch):
+    from cytoclr import phantom as P
+    monkeypatch.setenv("CYTOCLR_CACHE", str(tmp_path))
+    monkeypatch.delenv(P.GEOMETRY_CACHE_ENV, raising=False)
+    sec = PhantomBrain(2, ref=ref).section(4, spacing_um=64)
+    g = sec.geometry  # computed and written
+    files = list((tmp_path / "phantom_geometry").glob("*.npz"))
+    assert len(files) == 1
+    fresh = PhantomBrain(2, ref=ref).section(4, spacing_um=64, modality="pli")  # another brain object, same plane
+    monkeypatch.setattr(P.PhantomSection, "_compute_geometry", lambda self: pytest.fail("computed instead of read"))
+    h = fresh.geometry
+    assert set(h) == set(g) and h["step"] == g["step"]
+    for k in g:
+        if k != "step":
+            assert h[k].dtype == g[k].dtype and np.array_equal(h[k], g[k]), k
+    assert np.shares_memory(h["fields"], h["flat"])
+    w = (slice(200, 264), slice(300, 364))
+    assert np.array_equal(fresh.read(*w), PhantomBrain(2, ref=ref).section(4, spacing_um=64, modality="pli").read(*w))
+
+
+def test_plane_geometry_cache_keys_and_damage(ref, tmp_path, monkeypatch):
+    from cytoclr import phantom as P
+    monkeypatch.setenv("CYTOCLR_CACHE", str(tmp_path))
+    monkeypatch.delenv(P.GEOMETRY_CACHE_ENV, raising=False)
+    a, b, c = PhantomBrain(2, ref=ref), PhantomBrain(3, ref=ref), PhantomBrain(2, ref=ref, deform_mm=1.0)
+    key = ("coronal", -10.0, 0.0, (0.0, 1.0, 2.0, 3.0))
+    paths = {P.geometry_cache_path(x, key) for x in (a, b, c)} | {P.geometry_cache_path(a, key[:1] + (-12.0,) + key[2:])}
+    assert len(paths) == 4  # subject, variation and plane each change the file
+    sec = a.section(5, spacing_um=64)
+    want = sec.geometry
+    (path,) = (tmp_path / "phantom_geometry").glob("*.npz")
+    path.write_bytes(b"not a zip file")  # a damaged file is computed again and replaced
+    again = PhantomBrain(2, ref=ref).section(5, spacing_um=64).geometry
+    assert np.array_equal(again["flat"], want["flat"]) and np.load(path)["flat"].shape == want["flat"].shape
+    monkeypatch.setenv(P.GEOMETRY_CACHE_ENV, "0")
+    assert P.geometry_cache_path(a, key) is None
