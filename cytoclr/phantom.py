@@ -561,7 +561,7 @@ def _brain_fingerprint(brain) -> str:
     "SHA-256 of what a plane's geometry depends on besides the plane: the code, the subject and the reference."
     import hashlib
     import json
-    from .core import source_fingerprint
+    from cytoclr.core import source_fingerprint
     fp = getattr(brain, "_geometry_fingerprint", None)
     if fp is None:
         ref = brain.ref
@@ -581,7 +581,7 @@ def _brain_fingerprint(brain) -> str:
 def geometry_cache_path(brain, key):
     "The file of plane `key`'s geometry in `cache_dir()/phantom_geometry` (None when $CYTOCLR_GEOMETRY_CACHE is 0)."
     import hashlib
-    from .geodesic import cache_dir
+    from cytoclr.geodesic import cache_dir
     if os.environ.get(GEOMETRY_CACHE_ENV, "1") == "0":
         return None
     digest = hashlib.sha256(f"{_brain_fingerprint(brain)}|{key!r}".encode()).hexdigest()[:40]
@@ -595,7 +595,7 @@ def plane_geometry(section, key) -> dict:
     reading it a few milliseconds. A damaged or unreadable file is computed again; a disk that cannot be written
     only costs the time. The file name depends on the phantom's and the reference's code, the subject and the plane."""
     import zipfile
-    from .core import atomic_path
+    from cytoclr.core import atomic_path
     path = geometry_cache_path(section._b, key)
     if path is not None and path.exists():
         try:
