@@ -26,8 +26,8 @@ import yaml
 # %% auto #0
 __all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'atomic_path',
            'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics', 'update_metrics',
-           'save_figure', 'forget_outputs', 'progress', 'usable_cores', 'fork_map', 'source_fingerprint',
-           'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
+           'save_figure', 'forget_outputs', 'progress', 'usable_cores', 'worker_count', 'fork_map',
+           'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
 
 # %% ../nbs/00_core.ipynb #e9f08793
 class DataError(ValueError):
@@ -252,6 +252,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def worker_count(workers=None) -> int:
+    "Processes for `workers`: None or 0 means one per usable core; anything but a positive int is a `DataError`."
+    workers = usable_cores() if workers in (None, 0) else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise DataError(f"workers must be a positive number of processes (or 0/None: one per core), got {workers!r}",
+                        field="workers")
+    return workers
+
+
 def _fork_call(chunk: range) -> list:
     from threadpoolctl import threadpool_limits
     if "torch" in sys.modules:  # one thread, always (libgomp hangs in a forked child that asks for more)
@@ -269,10 +278,7 @@ def fork_map(fn, items, workers: int | None = None, chunksize: int = 1, on_wait=
     progress bar of finished items, none without it."""
     import multiprocessing as mp
     items = list(items)
-    workers = usable_cores() if workers in (None, 0) else workers
-    if not isinstance(workers, int) or workers < 1:
-        raise DataError(f"workers must be a positive number of processes (or 0/None: one per core), got {workers!r}",
-                        field="workers")
+    workers = worker_count(workers)
     pbar = progress(total=len(items), **{"disable": not bar, "mininterval": 2.0, **bar})
     try:
         if workers == 1 or len(items) < 2 or "fork" not in mp.get_all_start_methods():

@@ -643,17 +643,14 @@ def train_many(jobs, workers: int | None = None, progress: bool = True) -> list[
     """Train `jobs` (`TrainJob`s) and return their results in the same order.
 
     On a CPU the small encoders of the quick profile scale poorly to a second thread, so runs go faster side by
-    side, one core each (`benchmarks/bench_training.py --only parallel` measures it): `workers` forked processes (None or 0: one per core) train the longest runs first, one thread each; the
-    runs that would leave cores idle at the end (`len % workers` shortest ones) then train here on every core.
-    `workers=1`, CUDA and torchrun train every run here, one after another. Every run checkpoints, resumes and
+    side, one core each (`benchmarks/bench_training.py --only parallel` measures it): `workers` forked processes
+    (None or 0: one per core) train the longest runs first, one thread each; the runs that would leave cores
+    idle at the end (`len % workers` shortest ones) then train here on every core. `workers=1`, CUDA and torchrun train every run here, one after another. Every run checkpoints, resumes and
     gives its result exactly as `train` alone would with the same number of threads; metrics.json is written
     here, never by two processes at once. An error in any run stops all of them (checkpoints stay valid)."""
-    from cytoclr.core import fork_map, progress as tqdm, usable_cores
+    from cytoclr.core import fork_map, progress as tqdm, worker_count
     jobs = list(jobs)
-    workers = usable_cores() if workers in (None, 0) else workers
-    if not isinstance(workers, int) or workers < 1:
-        raise DataError(f"workers must be a positive number of processes (or 0/None: one per core), got {workers!r}",
-                        field="workers")
+    workers = worker_count(workers)
     for j in jobs:
         if not isinstance(j, TrainJob):
             raise DataError(f"train_many takes TrainJob items, got {type(j).__name__}", field="jobs")
@@ -675,9 +672,8 @@ def train_many(jobs, workers: int | None = None, progress: bool = True) -> list[
         bar = tqdm(total=total, desc=f"train {len(pooled)} runs, {workers} at once", unit="step", mininterval=2.0,
                    disable=not progress, file=sys.stderr)
 
-        def show():
-            bar.n = sum(_logged_steps(jobs[i]) for i in pooled)
-            bar.refresh()
+        def show():  # an update, not a refresh: tqdm's mininterval keeps a notebook's output short
+            bar.update(sum(_logged_steps(jobs[i]) for i in pooled) - bar.n)
         try:
             done = fork_map(lambda i: _run_job(jobs[i], progress=False, write_metrics=False), pooled, workers,
                             on_wait=show)
