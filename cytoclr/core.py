@@ -24,10 +24,10 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'atomic_path',
-           'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics', 'update_metrics',
-           'save_figure', 'forget_outputs', 'progress', 'usable_cores', 'worker_count', 'fork_map',
-           'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
+__all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'check_number',
+           'atomic_path', 'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics',
+           'update_metrics', 'save_figure', 'forget_outputs', 'MetricKeys', 'progress', 'usable_cores', 'worker_count',
+           'fork_map', 'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
 
 # %% ../nbs/00_core.ipynb #e9f08793
 class DataError(ValueError):
@@ -41,6 +41,27 @@ class DataError(ValueError):
 
 class PipelineError(RuntimeError):
     "A chapter failed or the run is misconfigured."
+
+# %% ../nbs/00_core.ipynb #c0a1b002
+def check_number(x, name: str, *, positive: bool = False, minimum: float | None = None, integer: bool = False,
+                 file=None) -> float:
+    """`x` as a finite float (an int when `integer`), > 0 when `positive`, >= `minimum` when given; otherwise a
+    `DataError` naming the field `name` (and `file`)."""
+    if isinstance(x, bool):
+        raise DataError(f"must be a number, got {x!r}", file=file, field=name)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise DataError(f"must be a number, got {x!r}", file=file, field=name) from None
+    if not math.isfinite(v):
+        raise DataError(f"must be a finite number, got {x!r}", file=file, field=name)
+    if integer and v != int(v):
+        raise DataError(f"must be a whole number, got {x!r}", file=file, field=name)
+    if positive and not v > 0:
+        raise DataError(f"must be > 0, got {x!r}", file=file, field=name)
+    if minimum is not None and v < minimum:
+        raise DataError(f"must be >= {minimum}, got {x!r}", file=file, field=name)
+    return int(v) if integer else v
 
 # %% ../nbs/00_core.ipynb #13e641f9
 @contextlib.contextmanager
@@ -206,6 +227,39 @@ def forget_outputs(run_dir, chapter: str) -> dict:
             figs.append(name)
     write_json_atomic(run_dir / OUTPUTS, reg)
     return {"metrics": gone, "figures": figs}
+
+# %% ../nbs/00_core.ipynb #c0a1b005
+class MetricKeys:
+    "The keys of `metrics.json`, declared once: chapters write with these names and the run summary reads with them."
+    # top-level sections
+    PROFILE, SECONDS, PROVENANCE = "profile", "seconds", "provenance"
+    TRAINING, MAPPING = "training", "mapping"
+    ANCHORING, ANCHORING_UNSEEN, ANCHORING_DENSITY = "anchoring", "anchoring_unseen_brain", "anchoring_density"
+    ALIGNMENT, MULTIMODAL, PLACEMENT = "alignment", "multimodal", "placement"
+    # levels below them
+    PROTOCOL = "protocol"
+    MODALITIES = ("nissl", "pli")
+    METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random")
+    TRUTHS = ("registered", "homologous")  # the position a registration gives; the phantom's homologous point
+    REGISTERED, HOMOLOGOUS = TRUTHS
+    SAME_HEMISPHERE, AFTER_ALIGNMENT = "same_hemisphere", "after_alignment"  # labelled variants of an anchoring
+    HELDOUT, UNSEEN = "heldout_sections", "unseen_brain"  # mapping's two test sets
+    ANCHORING_BASELINES = ("chance", "best_achievable", "image_feature", "area_oracle", "area_name_oracle",
+                           "area_gradient_oracle")
+    MAPPING_BASELINES = ("atlas", "chance")
+    # one SCORES dict of an anchoring
+    SCORES = ("top1", "top5", "top10", "median_error_mm", "p90_error_mm", "within_5mm", "within_10mm",
+              "outlier_fraction")
+    CI95 = "ci95"
+    TOP1, TOP5, TOP10 = SCORES[:3]
+    MEDIAN_MM, P90_MM, WITHIN_5MM, WITHIN_10MM, OUTLIER_FRACTION = SCORES[3:]
+    # training and mapping
+    FINAL_LOSS, IMAGES_PER_SECOND, STEPS = "final_loss", "images_per_second", "steps"
+    ACCURACY, MACRO_F1 = "accuracy", "macro_f1"
+    # alignment and multimodal
+    POINT_ERROR_MM, PLANE_ANGLE_DEG = "median_point_error_mm", "plane_angle_error_deg"
+    SECTIONS, SECTIONS_PLACED = "sections", "sections_placed"
+    PLI_TO_NISSL, NISSL_TO_PLI, PREDICTION = "pli_to_nissl", "nissl_to_pli", "prediction"
 
 # %% ../nbs/00_core.ipynb #2c685a3e
 STATUS_ENV = "CYTOCLR_STATUS"  # a file where `progress` mirrors its current line (set by the runner)

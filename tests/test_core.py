@@ -367,3 +367,29 @@ def test_fork_map_workers_run_one_thread_and_errors_come_back():
     for bad in (-1, 1.5, "2"):
         with pytest.raises(DataError, match="workers must be a positive number"):
             fork_map(boom, range(2), workers=bad)
+
+
+@pytest.mark.parametrize("bad, what", [("ten", "must be a number"), (None, "must be a number"), (True, "must be a number"),
+                                       (float("nan"), "finite"), (float("inf"), "finite"), (0, "> 0"), (-1.5, "> 0")])
+def test_check_number_refuses_with_the_field(bad, what):
+    with pytest.raises(DataError, match=what) as e:
+        core.check_number(bad, "tau", positive=True, file="m.yml")
+    assert e.value.field == "tau" and str(e.value).startswith("m.yml: tau: ")
+
+
+def test_check_number_accepts_and_converts():
+    assert core.check_number("0.1", "tau", positive=True) == 0.1
+    assert core.check_number(np.float32(2), "x") == 2.0 and isinstance(core.check_number(np.int64(2), "x"), float)
+    assert core.check_number(3.0, "rings", integer=True) == 3 and isinstance(core.check_number(3.0, "r", integer=True), int)
+    assert core.check_number(0, "x", minimum=0) == 0
+    with pytest.raises(DataError, match="whole number"):
+        core.check_number(2.5, "rings", integer=True)
+    with pytest.raises(DataError, match=">= 1"):
+        core.check_number(0, "rings", minimum=1)
+
+
+def test_metric_keys_match_what_the_summary_reads():
+    K = core.MetricKeys
+    assert set(K.SCORES) | {K.CI95} == {"top1", "top5", "top10", "median_error_mm", "p90_error_mm", "within_5mm",
+                                         "within_10mm", "outlier_fraction", "ci95"}
+    assert (K.REGISTERED, K.HOMOLOGOUS) == K.TRUTHS and K.ANCHORING_UNSEEN == "anchoring_unseen_brain"
