@@ -247,3 +247,14 @@ def test_soft_clip_loss_against_the_formula(rng):
         clip_loss(a, b, 0.3, -eye)
     from cytoclr.losses import clip_loss_distributed
     assert float(clip_loss_distributed(a, b, (), None, 0.3)) == pytest.approx(float(clip_loss(a, b, 0.3)))
+
+
+@pytest.mark.parametrize("tau, what", [(0.0, "> 0"), (float("inf"), "a finite"), ("warm", "a number"), (True, "a number")])
+def test_every_loss_checks_its_temperature_with_the_one_validator(tau, what):
+    from cytoclr.losses import spatial_nce_distributed
+    z = torch.randn(4, 3, dtype=torch.float64)
+    for loss in (lambda: spatial_nce(z, torch.ones(4, 4), tau), lambda: clip_loss(z, z, tau),
+                 lambda: spatial_nce_distributed(z, torch.arange(4), view_weights, tau)):
+        with pytest.raises(DataError, match=f"tau: must be {what}") as e:
+            loss()
+        assert e.value.field == "tau"
