@@ -5,6 +5,7 @@
 # %% ../nbs/13_exercises.ipynb #ab7c6238
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -18,7 +19,7 @@ from .losses import label_weights, spatial_nce, view_weights
 # %% auto #0
 __all__ = ['P_REJECT', 'LOSS_SLIPS', 'CHECKS', 'SOLUTIONS', 'solution_uniform_cell_draw', 'check_uniform_cell_draw',
            'solution_weights_and_positives', 'check_effective_positives', 'solution_weighted_nce', 'check_spatial_nce',
-           'check_all']
+           'check_all', 'SourceCode', 'show_source']
 
 # %% ../nbs/13_exercises.ipynb #f88a920b
 def _name(fn) -> str:
@@ -100,32 +101,29 @@ def _share_pvalue(counts: np.ndarray, weight: np.ndarray) -> float:
     return float(stats.chisquare(counts[use], expected).pvalue)
 
 
-def _check_cell_case(fn, c: dict):
-    "(True, '') or (False, message) for one case; (None, message) when the function is not done."
-    masks = [m.copy() for m in c["masks"]]
-    out, verdict = _call(fn, masks, list(c["cell_mm"]), c["cell_px"], c["n"], np.random.default_rng(c["seed"]))
-    if verdict:
-        return (None if verdict[1].startswith("not done") else False), verdict[1]
-    where = f" (case: {c['name']})"
+def _cell_draw_arrays(out, n: int, s: int):
+    "The answer as (section (n,) int64, rc (n, 2)), with shapes, finite positions and mask indices checked; or (None, message)."
     out, msg = _array_pair(out, ("section", "rc"), "(section (n,), rc (n, 2))")
     if msg:
-        return False, msg + where
+        return None, msg
     section, rc = out
-    n, s, px = c["n"], len(masks), c["cell_px"]
     if section.shape != (n,):
-        return False, f"wrong: section must have shape ({n},), got {section.shape}{where}"
+        return None, f"wrong: section must have shape ({n},), got {section.shape}"
     if rc.shape != (n, 2):
-        return False, f"wrong: rc must have shape ({n}, 2), got {rc.shape}{where}"
+        return None, f"wrong: rc must have shape ({n}, 2), got {rc.shape}"
     if not np.isfinite(rc).all():
-        return False, f"wrong: rc holds {int((~np.isfinite(rc)).sum())} non-finite values{where}"
+        return None, f"wrong: rc holds {int((~np.isfinite(rc)).sum())} non-finite values"
     if not (np.issubdtype(section.dtype, np.integer) or np.array_equal(section, np.round(section))):
-        return False, f"wrong: section must hold integer mask indices, got {section.dtype}{where}"
+        return None, f"wrong: section must hold integer mask indices, got {section.dtype}"
     section = section.astype(np.int64)
     if section.min() < 0 or section.max() >= s:
-        return False, f"wrong: section must be in [0, {s}), got values from {section.min()} to {section.max()}{where}"
-    # 1. every point in a True cell of its mask
-    cell = np.floor((rc + 0.5) / px).astype(np.int64)  # (n, 2) the cell each point falls in
-    for i in range(s):
+        return None, f"wrong: section must be in [0, {s}), got values from {section.min()} to {section.max()}"
+    return (section, rc), None
+
+
+def _outside_cortex(masks, section, rc, cell, px) -> str:
+    "Step 1: every point in a True cell of its mask ('' if so, else the message)."
+    for i in range(len(masks)):
         sel = np.flatnonzero(section == i)
         h, w = masks[i].shape
         inside = (cell[sel, 0] >= 0) & (cell[sel, 0] < h) & (cell[sel, 1] >= 0) & (cell[sel, 1] < w)
@@ -135,44 +133,55 @@ def _check_cell_case(fn, c: dict):
             bad = sel[~ok]
         if len(bad):
             k = int(bad[0])
-            return False, (f"wrong: {len(bad)} points lie outside the cortex cells of their mask, e.g. point {k} at "
-                           f"(row, col) = ({rc[k, 0]:.2f}, {rc[k, 1]:.2f}) of mask {i}, in cell ({cell[k, 0]}, {cell[k, 1]}) "
-                           f"of a {h} x {w} mask. Pixel i spans [i - 0.5, i + 0.5): cell (a, b) covers rows "
-                           f"a*cell_px - 0.5 to (a+1)*cell_px - 0.5, and columns likewise{where}")
-    if n < 500:
-        return True, ""
-    # 2. the masks' shares of the points follow their cortex area
+            return (f"wrong: {len(bad)} points lie outside the cortex cells of their mask, e.g. point {k} at "
+                    f"(row, col) = ({rc[k, 0]:.2f}, {rc[k, 1]:.2f}) of mask {i}, in cell ({cell[k, 0]}, {cell[k, 1]}) "
+                    f"of a {h} x {w} mask. Pixel i spans [i - 0.5, i + 0.5): cell (a, b) covers rows "
+                    f"a*cell_px - 0.5 to (a+1)*cell_px - 0.5, and columns likewise")
+    return ""
+
+
+def _shares_off_area(masks, cell_mm, section) -> str:
+    "Step 2: the masks' shares of the points follow their cortex area ('' if so, else the message with a hint)."
+    s, n = len(masks), len(section)
     cells = np.array([m.sum() for m in masks], np.float64)  # (s,) cortex cells per mask
-    side = np.asarray(c["cell_mm"], np.float64)
+    side = np.asarray(cell_mm, np.float64)
     counts = np.bincount(section, minlength=s)
     p = _share_pvalue(counts, cells * side ** 2)
-    if p < P_REJECT:
-        share = counts / n
-        want = cells * side ** 2 / (cells * side ** 2).sum()
-        mistakes = {"per cortex cell, ignoring how much tissue a cell covers": cells,
-                    "per mask (section), ignoring how much cortex each has": (cells > 0).astype(float),
-                    "in proportion to cell_mm, where the area is cell_mm**2": cells * side}
-        hint = next((f" Your shares fit points drawn {k}." for k, wgt in mistakes.items()
-                     if _share_pvalue(counts, wgt) > 1e-3), "")
-        return False, ("wrong: the masks' shares of the points do not follow their cortex area: "
-                       + ", ".join(f"mask {i} got {share[i]:.1%} (area share {want[i]:.1%})" for i in range(s))
-                       + f"; chi-square p = {p:.1e}.{hint} A cell must be drawn with probability proportional "
-                       f"to its area cell_mm[i]**2{where}")
-    # 3. within a mask, every cortex cell equally likely
-    for i in range(s):
+    if p >= P_REJECT:
+        return ""
+    share = counts / n
+    want = cells * side ** 2 / (cells * side ** 2).sum()
+    mistakes = {"per cortex cell, ignoring how much tissue a cell covers": cells,
+                "per mask (section), ignoring how much cortex each has": (cells > 0).astype(float),
+                "in proportion to cell_mm, where the area is cell_mm**2": cells * side}
+    hint = next((f" Your shares fit points drawn {k}." for k, wgt in mistakes.items()
+                 if _share_pvalue(counts, wgt) > 1e-3), "")
+    return ("wrong: the masks' shares of the points do not follow their cortex area: "
+            + ", ".join(f"mask {i} got {share[i]:.1%} (area share {want[i]:.1%})" for i in range(s))
+            + f"; chi-square p = {p:.1e}.{hint} A cell must be drawn with probability proportional "
+            f"to its area cell_mm[i]**2")
+
+
+def _cells_unequal(masks, section, cell) -> str:
+    "Step 3: within a mask, every cortex cell equally likely ('' if so, else the message)."
+    for i in range(len(masks)):
         sel = section == i
         k = int(sel.sum())
-        n_cells = int(cells[i])
+        n_cells = int(masks[i].sum())
         if n_cells < 2 or k < 5 * n_cells:
             continue
         w = masks[i].shape[1]
         per_cell = np.bincount(cell[sel, 0] * w + cell[sel, 1], minlength=masks[i].size)[masks[i].ravel()]
         p = float(stats.chisquare(per_cell).pvalue)
         if p < P_REJECT:
-            return False, (f"wrong: within mask {i} the cortex cells are not equally likely (counts per cell from "
-                           f"{per_cell.min()} to {per_cell.max()}, {k / n_cells:.1f} expected each; chi-square p = {p:.1e}): "
-                           f"choose a cell uniformly among the mask's True cells{where}")
-    # 4. uniform inside the cell
+            return (f"wrong: within mask {i} the cortex cells are not equally likely (counts per cell from "
+                    f"{per_cell.min()} to {per_cell.max()}, {k / n_cells:.1f} expected each; chi-square p = {p:.1e}): "
+                    f"choose a cell uniformly among the mask's True cells")
+    return ""
+
+
+def _not_uniform_in_cell(rc, cell, px) -> str:
+    "Step 4: uniform inside the cell, along rows and columns ('' if so, else the message)."
     frac = (rc + 0.5) / px - cell  # (n, 2) offset inside the cell, in [0, 1)
     for axis, label in ((0, "rows"), (1, "columns")):
         p = float(stats.kstest(frac[:, axis], "uniform").pvalue)
@@ -180,9 +189,33 @@ def _check_cell_case(fn, c: dict):
             spread = np.unique(np.round(frac[:, axis], 6))
             hint = (f" The offsets take only {len(spread)} distinct value(s): the points are snapped to cell or pixel centres."
                     if len(spread) <= 2 * px else "")
-            return False, (f"wrong: inside their cells the points are not uniform along the {label} (Kolmogorov-Smirnov "
-                           f"p = {p:.1e}; mean offset {frac[:, axis].mean():.3f} of a cell, 0.5 expected).{hint} "
-                           f"Add a uniform jitter in [0, 1) cell to the cell's corner{where}")
+            return (f"wrong: inside their cells the points are not uniform along the {label} (Kolmogorov-Smirnov "
+                    f"p = {p:.1e}; mean offset {frac[:, axis].mean():.3f} of a cell, 0.5 expected).{hint} "
+                    f"Add a uniform jitter in [0, 1) cell to the cell's corner")
+    return ""
+
+
+def _check_cell_case(fn, c: dict):
+    "(True, '') or (False, message) for one case; (None, message) when the function is not done."
+    masks = [m.copy() for m in c["masks"]]
+    out, verdict = _call(fn, masks, list(c["cell_mm"]), c["cell_px"], c["n"], np.random.default_rng(c["seed"]))
+    if verdict:
+        return (None if verdict[1].startswith("not done") else False), verdict[1]
+    where = f" (case: {c['name']})"
+    arrays, msg = _cell_draw_arrays(out, c["n"], len(masks))
+    if msg:
+        return False, msg + where
+    section, rc = arrays
+    px = c["cell_px"]
+    cell = np.floor((rc + 0.5) / px).astype(np.int64)  # (n, 2) the cell each point falls in
+    steps = [lambda: _outside_cortex(masks, section, rc, cell, px)]
+    if c["n"] >= 500:  # the statistical steps need enough points
+        steps += [lambda: _shares_off_area(masks, c["cell_mm"], section), lambda: _cells_unequal(masks, section, cell),
+                  lambda: _not_uniform_in_cell(rc, cell, px)]
+    for step in steps:
+        msg = step()
+        if msg:
+            return False, msg + where
     return True, ""
 
 
@@ -303,7 +336,7 @@ def check_effective_positives(fn) -> tuple[bool, str]:
 
 # %% ../nbs/13_exercises.ipynb #d1eab0e6
 def solution_weighted_nce(z, weights, tau):
-    "Reference solution: the loss of DESIGN.md section 2 in a few tensor operations (float64)."
+    "Reference solution: the weighted contrastive loss of chapter 5, from its formula, in a few tensor operations (float64)."
     z = F.normalize(torch.as_tensor(z, dtype=torch.float64), dim=1)  # (n, d) unit rows: z_i . z_j is the cosine
     w = torch.as_tensor(weights, dtype=torch.float64).clone()  # (n, n) a copy: the caller's weights stay as they are
     self_ = torch.eye(len(z), dtype=torch.bool)  # (n, n) the pairs j = i
@@ -430,3 +463,18 @@ def check_all(answers: dict | None = None) -> dict:
     "Run every checker on `answers` ({exercise name: function}; default: the reference solutions): {name: (ok, message)}."
     answers = SOLUTIONS if answers is None else answers
     return {name: CHECKS[name](fn) for name, fn in answers.items()}
+
+# %% ../nbs/13_exercises.ipynb #07936820
+class SourceCode(str):
+    "Python source text that notebooks and the book display as a highlighted code block."
+
+    def _repr_markdown_(self) -> str:
+        return f"```python\n{self}```"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def show_source(fn) -> SourceCode:
+    "The source of `fn` (e.g. a reference solution), displayed as a code block when it ends a cell."
+    return SourceCode(inspect.getsource(fn))

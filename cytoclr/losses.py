@@ -5,14 +5,12 @@
 # %% ../nbs/05_losses.ipynb #46143a90
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .core import DataError
+from .core import DataError, check_number
 
 # %% auto #0
 __all__ = ['spatial_nce', 'label_weights', 'view_weights', 'clip_loss', 'clip_loss_distributed', 'gather_with_grad',
@@ -22,16 +20,6 @@ __all__ = ['spatial_nce', 'label_weights', 'view_weights', 'clip_loss', 'clip_lo
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     "float64 stays float64; everything else is computed in float32 (half precision is too coarse for a softmax)."
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tau(tau) -> float:
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise DataError(f"temperature must be a number, got {tau!r}", field="tau") from None
-    if not (math.isfinite(tau) and tau > 0):
-        raise DataError(f"temperature must be finite and > 0, got {tau}", field="tau")
-    return tau
 
 
 def _check_z(z, name: str = "z", min_rows: int = 2) -> torch.Tensor:
@@ -113,13 +101,13 @@ def _row_losses(zr: torch.Tensor, zc: torch.Tensor, w: torch.Tensor, tau: float,
 
 
 def spatial_nce(z: torch.Tensor, weights, tau: float = 0.1) -> torch.Tensor:
-    """The weighted contrastive loss of DESIGN.md section 2: mean over rows with positive weight sum.
+    """The weighted contrastive loss of this chapter's formula (with its leading minus): mean over rows with positive weight sum.
 
     z (n, d) embeddings (normalised here), weights (n, n) non-negative (diagonal ignored; a constant: no
     gradient flows into it), tau > 0. Returns a scalar in float32 (float64 for float64 input); 0 (still
     differentiable) if no row has a positive.
     """
-    tau = _check_tau(tau)
+    tau = check_number(tau, "tau", positive=True)  # the temperature: a finite float > 0
     z = _check_z(z)
     dtype = _compute_dtype(z.dtype)
     w = _check_weights(weights, (z.shape[0], z.shape[0]), z.device, dtype)
@@ -168,7 +156,7 @@ def clip_loss(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.07, weights=N
     row i of a -> b targets weights[i] / sum(weights[i]), column j of b -> a targets weights[:, j] / sum(weights[:, j]);
     None: the identity, plain CLIP. Rows or columns without weight drop out.
     """
-    tau = _check_tau(tau)
+    tau = check_number(tau, "tau", positive=True)
     z_a, z_b = _check_z(z_a, "z_a", 1), _check_z(z_b, "z_b", 1)
     if z_a.shape != z_b.shape:
         raise DataError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}", field="z_b")
@@ -273,7 +261,7 @@ def spatial_nce_distributed(z: torch.Tensor, keys, weight_fn, tau: float = 0.1, 
     rank, world = _world(group)
     if world == 1:
         return spatial_nce(z, weight_fn(*keys), tau)
-    tau = _check_tau(tau)
+    tau = check_number(tau, "tau", positive=True)
     z = _check_z(z, min_rows=1)
     dtype = _compute_dtype(z.dtype)
     zn = F.normalize(z.to(dtype), dim=1)  # (m, d)

@@ -32,6 +32,9 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("partial")
             raise RuntimeError("killed")
     assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:  # on success the file appears whole, and nothing else
+        tmp.write_text("{}")
+    assert target.read_text() == "{}" and list(tmp_path.iterdir()) == [target]
     write_json_atomic(target, {"x": np.float32(1.5), "p": Path("a")})
     assert read_json(target) == {"p": "a", "x": 1.5}
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cytoclr.exercises import (CHECKS, SOLUTIONS, check_all, check_effective_positives, check_spatial_nce,
-                               check_uniform_cell_draw, solution_uniform_cell_draw, solution_weighted_nce,
+from cytoclr.exercises import (CHECKS, SOLUTIONS, SourceCode, check_all, check_effective_positives, check_spatial_nce,
+                               check_uniform_cell_draw, show_source, solution_uniform_cell_draw, solution_weighted_nce,
                                solution_weights_and_positives)
-from helpers import slow_spatial_nce
+from helpers import formula_nce, slow_spatial_nce
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 CHAPTERS = {"uniform_cell_draw": "03_sampling", "weights_and_positives": "04_geodesic", "weighted_nce": "05_losses"}
@@ -207,33 +207,21 @@ def no_minus(z, w, tau):
 
 def all_rows(z, w, tau):
     "Rows without positives counted as zeros in the mean."
-    z = F.normalize(z.double(), dim=1)
-    w = w.double().clone().fill_diagonal_(0)
-    eye = torch.eye(len(z), dtype=torch.bool)
-    s = z @ z.T / tau
-    log_p = s - torch.logsumexp(s.masked_fill(eye, -math.inf), 1, keepdim=True)
-    l = -(w * log_p).sum(1) / w.sum(1).clamp_min(1e-300)
-    return l.mean()
+    return formula_nce(z.double(), w.double(), tau, all_rows=True)
 
 
 def self_in_denominator(z, w, tau):
-    z = F.normalize(z.double(), dim=1)
-    w = w.double().clone().fill_diagonal_(0)
-    s = z @ z.T / tau
-    log_p = s - torch.logsumexp(s, 1, keepdim=True)
-    has = w.sum(1) > 0
-    return (-(w * log_p).sum(1)[has] / w.sum(1)[has]).mean() if has.any() else torch.zeros(())
+    return formula_nce(z.double(), w.double(), tau, self_in_denominator=True)
 
 
 def unnormalised(z, w, tau):
     "The formula with raw dot products instead of cosines."
-    z = z.double()
-    w = w.double().clone().fill_diagonal_(0)
-    eye = torch.eye(len(z), dtype=torch.bool)
-    s = z @ z.T / tau
-    log_p = s - torch.logsumexp(s.masked_fill(eye, -math.inf), 1, keepdim=True)
-    has = w.sum(1) > 0
-    return (-(w * log_p).sum(1)[has] / w.sum(1)[has]).mean() if has.any() else torch.zeros(())
+    return formula_nce(z.double(), w.double(), tau, normalise=False)
+
+
+def test_the_formula_in_tensor_operations_is_correct():
+    ok, message = check_spatial_nce(lambda z, w, tau: formula_nce(z.double(), w.double(), tau))
+    assert ok, message
 
 
 def weights_in_place(z, w, tau):
@@ -276,29 +264,44 @@ def _cells_of(chapter):
     return json.loads((NBS / f"{chapter}.ipynb").read_text())["cells"]
 
 
+def _exercise_cells(name):
+    "The statement, stub, hidden-solution and check cells of an exercise in its chapter."
+    cells = _cells_of(CHAPTERS[name])
+    (i,) = [k for k, c in enumerate(cells) if "".join(c["source"]).startswith("### Exercise:") and c["cell_type"] == "markdown"]
+    return cells[i:i + 4]
+
+
 @pytest.mark.parametrize("name", sorted(CHAPTERS))
 def test_chapter_has_statement_stub_hidden_solution_and_check(name):
-    cells = _cells_of(CHAPTERS[name])
-    src = ["".join(c["source"]) for c in cells]
-    (i,) = [k for k, s in enumerate(src) if s.startswith("### Exercise:") and cells[k]["cell_type"] == "markdown"]
-    stub, solution, check = cells[i + 1], cells[i + 2], cells[i + 3]
+    _, stub, solution, check = _exercise_cells(name)
     assert f"def {name}(" in "".join(stub["source"]) and "NotImplementedError" in "".join(stub["source"])
-    assert "hide-input" in solution["metadata"].get("tags", [])
-    assert f"def solution_{name}(" in "".join(solution["source"])
+    assert {"hide-input", "hide-output"} <= set(solution["metadata"].get("tags", []))  # handouts drop hide-input cells
+    assert f"show_source(solution_{name})" in "".join(solution["source"])
     assert CHECKS[name].__name__ in "".join(check["source"])
     for c in (stub, solution, check):
         assert not "".join(c["source"]).lstrip().startswith("#| export"), "exercise cells must not change the module"
 
 
 @pytest.mark.parametrize("name", sorted(CHAPTERS))
-def test_the_chapters_stub_is_not_done_and_its_hidden_solution_is_correct(name):
-    "Run the chapter's own stub and solution cells (not the module's copies) through the checker."
-    cells = _cells_of(CHAPTERS[name])
-    src = ["".join(c["source"]) for c in cells]
+def test_a_solution_is_written_once_in_the_module_and_shown_in_its_chapter(name):
+    "The chapter imports the module's solution and shows its source: no second copy that could drift."
+    assert not any(f"def solution_{name}(" in "".join(c["source"]) for c in _cells_of(CHAPTERS[name]))
+    _, stub, solution, _ = _exercise_cells(name)
     ns = {"np": np, "torch": torch, "F": F, "math": math}
-    exec(next(s for s in src if s.startswith(f"def {name}(")), ns)
-    exec(next(s for s in src if s.startswith(f"def solution_{name}(")), ns)
+    exec("".join(stub["source"]), ns)
     ok, message = CHECKS[name](ns[name])
     assert not ok and message.startswith("not done yet: "), message
-    ok, message = CHECKS[name](ns[f"solution_{name}"])
-    assert ok, message
+    lines = "".join(solution["source"]).strip().splitlines()
+    exec("\n".join(lines[:-1]), ns)  # the import; the last line is the displayed expression
+    shown = eval(lines[-1], ns)
+    assert ns[f"solution_{name}"] is SOLUTIONS[name]
+    assert isinstance(shown, SourceCode) and shown == show_source(SOLUTIONS[name])
+    assert shown.startswith(f"def solution_{name}(") and shown._repr_markdown_() == f"```python\n{shown}```"
+
+
+def test_show_source_displays_a_code_block():
+    def f(x):
+        return x + 1
+    shown = show_source(f)
+    assert shown == "    def f(x):\n        return x + 1\n" and repr(shown) == shown
+    assert shown._repr_markdown_() == "```python\n    def f(x):\n        return x + 1\n```"

@@ -7,17 +7,7 @@ import torch
 
 from cytoclr.losses import clip_loss, label_weights, spatial_nce, view_weights
 from cytoclr.core import DataError
-from helpers import slow_spatial_nce
-
-
-def autograd_spatial_nce(z, w, tau):
-    "A second, plain-autograd implementation (log_softmax with a masked diagonal) for gradient comparisons."
-    zn = torch.nn.functional.normalize(z, dim=1)
-    eye = torch.eye(len(z), dtype=torch.bool)
-    logp = torch.log_softmax((zn @ zn.T / tau).masked_fill(eye, float("-inf")), 1).masked_fill(eye, 0)
-    w = torch.as_tensor(w, dtype=z.dtype).masked_fill(eye, 0)
-    keep = w.sum(1) > 0
-    return (-(w * logp).sum(1)[keep] / w.sum(1)[keep]).mean()
+from helpers import formula_nce, slow_spatial_nce
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ def test_gradient_equals_plain_autograd(batch):
     w[2] = 0
     a = z.clone().requires_grad_()
     b = z.clone().requires_grad_()
-    la, lb = spatial_nce(a, w, 0.07), autograd_spatial_nce(b, w, 0.07)
+    la, lb = spatial_nce(a, w, 0.07), formula_nce(b, w, 0.07)
     la.backward()
     lb.backward()
     assert la.item() == pytest.approx(lb.item(), rel=1e-12)
@@ -151,7 +141,8 @@ def test_dtype_follows_input_and_numpy_weights_are_accepted():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(tau=0.0), "tau|temperature"), (dict(tau=-1.0), "temperature"), (dict(tau=float("nan")), "temperature"),
+    (dict(tau=0.0), "tau: must be > 0"), (dict(tau=-1.0), "tau: must be > 0"), (dict(tau=float("nan")), "tau: must be a finite"),
+    (dict(tau="warm"), "tau: must be a number"),
     (dict(w=-1), "non-negative"), (dict(w=float("nan")), "NaN"), (dict(w=float("inf")), "finite"),
     (dict(wshape=(4, 5)), "shape"), (dict(z=float("nan")), "non-finite"), (dict(zdim=1), "2D"),
 ])
@@ -211,28 +202,6 @@ def test_agrees_with_pml_ntxent(rng):
         assert float(spatial_nce(z, view_weights(ids), tau)) == pytest.approx(float(NTXentLoss(temperature=tau)(z, ids)), rel=1e-9)
 
 
-def slow_clip(a, b, tau):
-    a = torch.nn.functional.normalize(a.double(), dim=1)
-    b = torch.nn.functional.normalize(b.double(), dim=1)
-    n = len(a)
-    s = [[float(a[i] @ b[j]) / tau for j in range(n)] for i in range(n)]
-    row = sum(-s[i][i] + math.log(sum(math.exp(s[i][j]) for j in range(n))) for i in range(n)) / n
-    col = sum(-s[j][j] + math.log(sum(math.exp(s[i][j]) for i in range(n))) for j in range(n)) / n
-    return (row + col) / 2
-
-
-def test_clip_loss(rng):
-    a, b = torch.tensor(rng.normal(size=(7, 5))), torch.tensor(rng.normal(size=(7, 5)))
-    assert float(clip_loss(a, b, 0.2)) == pytest.approx(slow_clip(a, b, 0.2), rel=1e-10)
-    assert float(clip_loss(a, b, 0.2)) == pytest.approx(float(clip_loss(b, a, 0.2)), rel=1e-12)  # symmetric
-    assert float(clip_loss(a, a, 1e8)) == pytest.approx(math.log(7), rel=1e-6)
-    assert float(clip_loss(a, a, 0.01)) < 1e-3
-    x = a.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: clip_loss(t, b, 0.3), (x,))
-    with pytest.raises(DataError, match="same shape"):
-        clip_loss(a, b[:5], 0.1)
-
-
 def slow_soft_clip(a, b, tau, w):
     "Soft-target CLIP straight from the definition, in float64 loops."
     a = a.double() / a.double().norm(dim=1, keepdim=True)
@@ -253,6 +222,20 @@ def slow_soft_clip(a, b, tau, w):
     return 0.5 * (tot[0] + tot[1])
 
 
+def test_clip_loss(rng):
+    a, b = torch.tensor(rng.normal(size=(7, 5))), torch.tensor(rng.normal(size=(7, 5)))
+    plain = slow_soft_clip(a, b, 0.2, torch.eye(7, dtype=torch.float64))  # plain CLIP: the pair itself is the target
+    assert float(clip_loss(a, b, 0.2)) == pytest.approx(plain, rel=1e-10)
+    assert float(clip_loss(a, b, 0.2)) == pytest.approx(float(clip_loss(b, a, 0.2)), rel=1e-12)  # symmetric
+    assert float(clip_loss(a, a, 1e8)) == pytest.approx(math.log(7), rel=1e-6)
+    assert float(clip_loss(a, a, 0.01)) < 1e-3
+    x = a.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: clip_loss(t, b, 0.3), (x,))
+    with pytest.raises(DataError, match="same shape"):
+        clip_loss(a, b[:5], 0.1)
+
+
+
 def test_soft_clip_loss_against_the_formula(rng):
     a, b = torch.tensor(rng.normal(size=(7, 5))), torch.tensor(rng.normal(size=(7, 5)))
     w = torch.tensor(rng.uniform(0, 1, (7, 7))) * (torch.rand(7, 7, generator=torch.Generator().manual_seed(0)) < 0.5)
@@ -264,3 +247,14 @@ def test_soft_clip_loss_against_the_formula(rng):
         clip_loss(a, b, 0.3, -eye)
     from cytoclr.losses import clip_loss_distributed
     assert float(clip_loss_distributed(a, b, (), None, 0.3)) == pytest.approx(float(clip_loss(a, b, 0.3)))
+
+
+@pytest.mark.parametrize("tau, what", [(0.0, "> 0"), (float("inf"), "a finite"), ("warm", "a number"), (True, "a number")])
+def test_every_loss_checks_its_temperature_with_the_one_validator(tau, what):
+    from cytoclr.losses import spatial_nce_distributed
+    z = torch.randn(4, 3, dtype=torch.float64)
+    for loss in (lambda: spatial_nce(z, torch.ones(4, 4), tau), lambda: clip_loss(z, z, tau),
+                 lambda: spatial_nce_distributed(z, torch.arange(4), view_weights, tau)):
+        with pytest.raises(DataError, match=f"tau: must be {what}") as e:
+            loss()
+        assert e.value.field == "tau"
