@@ -556,6 +556,8 @@ class Manifest:
         "The reference brain (loaded on first use; the embedded one once per process)."
         if self._ref is None:
             spec = (self.data or {}).get("reference") or {"name": "hcp-s1200"}
+            if not isinstance(spec, dict):
+                raise DataError(f"must be a mapping, got {type(spec).__name__}", file=self.path, field="reference")
             if "hemispheres" in spec:
                 self._ref = load_reference(spec, root=self.root)
             else:

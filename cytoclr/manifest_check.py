@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .core import DataError, path_fingerprint
-from .manifest import Manifest, Problem, SectionEntry, _Checker, _parse, _read_yaml
+from .manifest import Manifest, Problem, SectionEntry, _Checker, _exists, _parse, _read_yaml
 from .readers import open_image
 from .sections import MODALITIES
 
@@ -35,16 +35,17 @@ def _near_cortex(sec, ref, max_side: int = 256, n: int = 2000, tol_mm: float = 4
     return float((ref.locate(xyz).distance_mm <= tol_mm).mean())
 
 
-def _check_file_section(c: _Checker, man: Manifest, e: SectionEntry, checksums: bool = True):
+def _check_file_section(c: _Checker, man: Manifest, e: SectionEntry, checksums: bool = True, reference_ok: bool = True):
+    "One file section: checksums, decoding, dtype and channels; with a usable reference also its mask and transform."
     w = e.field
-    if e.path is None or not e.path.exists():
+    if e.path is None or not _exists(e.path):
         return
     got = path_fingerprint(e.path) if checksums else e.sha256
     if e.sha256 is None:
         c.error(f"{w}.sha256", "missing required field" + (f" (the file's is {got})" if checksums else ""))
     elif got != e.sha256:
         c.error(f"{w}.sha256", f"checksum mismatch: the manifest says {e.sha256}, the file has {got}")
-    if checksums and e.mask and e.mask.get("path") is not None and e.mask["path"].exists() and e.mask.get("sha256"):
+    if checksums and e.mask and e.mask.get("path") is not None and _exists(e.mask["path"]) and e.mask.get("sha256"):
         mg = path_fingerprint(e.mask["path"])
         if mg != e.mask["sha256"]:
             c.error(f"{w}.mask.sha256", f"checksum mismatch: the manifest says {e.mask['sha256']}, the file has {mg}")
@@ -67,7 +68,7 @@ def _check_file_section(c: _Checker, man: Manifest, e: SectionEntry, checksums: 
     except DataError as err:
         c.error(f"{w}.path", f"corrupt image: {err.message}")
         return
-    if e.affine is None or e.modality is None or e.spacing_um is None or (need and img.channels != need):
+    if not reference_ok or e.affine is None or e.modality is None or e.spacing_um is None or (need and img.channels != need):
         return
     try:
         sec = man.open_section(e)
@@ -117,16 +118,18 @@ def validate_manifest(path, deep: bool = True, checksums: bool = True) -> list[P
     if not deep or not isinstance(data, dict):
         return c.problems
     man = Manifest(path, data, brains, entries, splits)
-    if not any(p.field.startswith("reference") for p in c.problems):
+    reference_ok = not any(p.field.startswith("reference") for p in c.problems)  # else it is reported already
+    if reference_ok:
         try:
             man.reference
         except DataError as err:
             c.error("reference", err.message + (f" ({err.file})" if err.file else ""))
+            reference_ok = False
     spot_checked, failed = set(), {}
     for e in entries:
         if e.kind == "file":
-            _check_file_section(c, man, e, checksums)
-        else:
+            _check_file_section(c, man, e, checksums, reference_ok)
+        elif reference_ok:  # a phantom brain is built on the reference
             _check_phantom_section(c, man, e, spot_checked, failed)
     for f, n in failed.items():
         if n:
