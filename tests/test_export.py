@@ -23,6 +23,10 @@ from cytoclr.manifest_check import check_manifest_cli, validate_manifest
 
 from test_sections import HAS_PHANTOM, FakeBrain, _Ref
 
+
+class ExportBrain(FakeBrain):
+    "The fake phantom, defined in this module: the export fingerprints the module of its brain factory."
+
 def test_default_splits():
     s = default_splits(["a", "b", "c"], 10)
     assert s["unseen_brains"] == ["c"] and s["test"]["index"] == [5] and s["validation"]["index"] == [2]
@@ -33,7 +37,7 @@ def test_default_splits():
 # ---------------------------------------------------------------- phantom export mechanics (fake phantom)
 def _export(out, **kw):
     args = dict(brains=2, sections=3, spacing_um=32.0, modality="both", seed=5, chunk=64, progress=False, ref=_Ref(),
-                brain_factory=FakeBrain)
+                brain_factory=ExportBrain)
     args.update(kw)
     return export_phantom(out, **args)
 
@@ -66,7 +70,7 @@ def test_export_round_trip_and_determinism(tmp_path):
 def test_export_is_atomic_and_resumes(tmp_path, capsys):
     out = tmp_path / "x"
 
-    class Killed(FakeBrain):
+    class Killed(ExportBrain):
         def __init__(self, seed, ref=None):
             super().__init__(seed, ref, fail_after=1 if seed == 6 else None)  # killed while writing its 2nd section
 
