@@ -260,3 +260,14 @@ def test_fingerprint_of_a_manifest_with_odd_blocks(tmp_path):
     p = tmp_path / "m.yml"
     p.write_text("sections: 5\nreference: {hemispheres: 3}\n")
     assert len(manifest_fingerprint(p)) == 64
+
+
+@pytest.mark.parametrize("kind", ["passwd", "binary", "list", "folder"])
+def test_a_command_that_loads_a_bad_manifest_exits_2_with_one_line(tmp_path, kind, capsys):
+    "Elsewhere than `data check` (here `cytoclr train`), a file that is not a manifest is unusable input: exit code 2."
+    from cytoclr.cli import main
+    p = tmp_path / "m.yml"
+    NOT_MANIFESTS[kind](p)
+    assert main(["train", "-p", f"manifest={p}", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: ") and err.count("\n") == 1 and "Traceback" not in err, err
