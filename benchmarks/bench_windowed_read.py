@@ -15,7 +15,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from cytoclr.sections import ImageSection, open_image
+from cytoclr.readers import open_image
+from cytoclr.sections import ImageSection
 
 N, T, W, REPEATS, WINDOWS = 16384, 256, 512, 5, 300
 

@@ -1,0 +1,180 @@
+"`cytoclr phantom export`: files and manifest, atomic, resumable, byte-identical; the round trip chapter 2 reports."
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+from PIL import Image
+
+from cytoclr.core import DataError, path_fingerprint
+from cytoclr.export import (ROUND_TRIP_MAX_ABS_DIFF, data_metrics, default_splits, export_phantom, export_phantom_cli,
+                            phantom_y_positions, round_trip_differences, round_trip_pairs)
+from cytoclr.manifest import load_manifest
+from cytoclr.manifest_check import check_manifest_cli, validate_manifest
+
+from test_sections import HAS_PHANTOM, FakeBrain, _Ref
+
+
+class ExportBrain(FakeBrain):
+    "The fake phantom, defined in this module: the export fingerprints the module of its brain factory."
+
+def test_default_splits():
+    s = default_splits(["a", "b", "c"], 10)
+    assert s["unseen_brains"] == ["c"] and s["test"]["index"] == [5] and s["validation"]["index"] == [2]
+    assert sorted(s["train"]["index"] + s["test"]["index"] + s["validation"]["index"]) == list(range(10))
+    assert default_splits(["a"], 1) == {"train": {"brains": ["a"], "index": [0]}}
+
+
+# ---------------------------------------------------------------- phantom export mechanics (fake phantom)
+def _export(out, **kw):
+    args = dict(brains=2, sections=3, spacing_um=32.0, modality="both", seed=5, chunk=64, progress=False, ref=_Ref(),
+                brain_factory=ExportBrain)
+    args.update(kw)
+    return export_phantom(out, **args)
+
+
+def _tree(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def test_export_round_trip_and_determinism(tmp_path):
+    p = _export(tmp_path / "a")
+    _export(tmp_path / "b")
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")  # same seed: byte-identical files, manifest included
+    problems = [q for q in validate_manifest(p, deep=False)]
+    assert problems == []
+    m = load_manifest(p)
+    assert len(m.entries) == 2 * 3 * 2 and m.splits["unseen_brains"] == ["phantom-6"]
+    ys = phantom_y_positions(_Ref(), 3)
+    for e, s in zip(m.entries, m.sections):
+        brain, mod, idx = e.id.split("/")
+        orig = FakeBrain(int(brain.split("-")[1])).section(int(idx), ys[int(idx)], 32.0, mod)
+        assert s.shape == orig.shape and s.channels == orig.channels
+        for rows, cols in ((slice(0, 130), slice(0, 170)), (slice(33, 97), slice(50, 161))):
+            assert np.array_equal(s.read(rows, cols), orig.read(rows, cols))
+        for level in range(3):
+            assert np.array_equal(s.cortex_mask(level), orig.cortex_mask(level))
+        assert np.array_equal(s.affine, orig.affine)  # exact: YAML keeps every float digit
+        assert np.allclose(s.to_reference([[10, 20]]), orig.affine @ [10, 20, 1])
+
+
+def test_export_is_atomic_and_resumes(tmp_path, capsys):
+    out = tmp_path / "x"
+
+    class Killed(ExportBrain):
+        def __init__(self, seed, ref=None):
+            super().__init__(seed, ref, fail_after=1 if seed == 6 else None)  # killed while writing its 2nd section
+
+    with pytest.raises(KeyboardInterrupt):
+        _export(out, brain_factory=Killed)
+    assert not (out / "data_manifest.yml").exists()  # nothing that looks complete
+    assert not list(out.rglob(".tmp-*"))
+    done = sorted(p.name for p in out.rglob("*.ome.zarr"))
+    assert done == sorted([f"{m}_{i:03d}.ome.zarr" for m in ("nissl", "pli") for i in range(3)] + ["nissl_000.ome.zarr"])
+    FakeBrain.built = 0
+    _export(out)  # resume: only the second brain is rendered
+    assert FakeBrain.built == 1
+    _export(tmp_path / "clean")
+    assert _tree(out) == _tree(tmp_path / "clean")
+    # a store damaged after the export is noticed by its checksum and rewritten on the next run
+    victim = sorted(q for q in (out / "phantom-5" / "nissl_001.ome.zarr" / "0" / "c").rglob("*") if q.is_file())[0]
+    victim.write_bytes(b"x")
+    assert check_manifest_cli(str(out / "data_manifest.yml")) == 1
+    assert "checksum mismatch" in capsys.readouterr().out
+    FakeBrain.built = 0
+    _export(out)
+    assert FakeBrain.built == 1 and _tree(out) == _tree(tmp_path / "clean")
+    with pytest.raises(DataError, match="other parameters"):
+        _export(out, sections=4)
+
+
+@pytest.mark.parametrize("kw,field", [({"brains": 0}, "--brains"), ({"sections": 2.5}, "--sections"),
+                                      ({"spacing_um": -1.0}, "--spacing-um"), ({"spacing_um": float("nan")}, "--spacing-um"),
+                                      ({"modality": "dapi"}, "--modality"), ({"format": "png"}, "--format")])
+def test_export_cli_validates_arguments(tmp_path, kw, field):
+    "`export_phantom_cli` takes the command's options as keywords; a bad one is a DataError naming the option."
+    with pytest.raises(DataError) as e:
+        export_phantom_cli(out=tmp_path / "o", **kw)
+    assert e.value.field == field
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_export_cli_keywords_are_the_options(tmp_path, capsys):
+    "The keyword names are the attribute names of the command's parsed options (the CLI passes them one by one)."
+    import inspect
+    from cytoclr.cli import build_parser
+    args = build_parser().parse_args(["phantom", "export", "--out", str(tmp_path / "o")])
+    options = {k for k in vars(args) if k not in ("command", "phantom_command")}
+    assert set(inspect.signature(export_phantom_cli).parameters) == options
+
+
+def test_data_metrics_values():
+    "What chapter 2 writes under `data`: counts of the manifest, the largest round-trip difference."
+    class Man:
+        entries, brains = [object()] * 5, {"a": {}, "b": {}}
+    diffs = {"s1": 0.0, "s2": 0.25, "s3": 0.125}
+    assert data_metrics(Man(), diffs) == {"manifest_sections": 5, "manifest_brains": 2, ROUND_TRIP_MAX_ABS_DIFF: 0.25}
+
+
+def test_round_trip_differences_by_hand():
+    class E:
+        def __init__(self, i):
+            self.id = i
+    a = np.zeros((1, 2, 2), np.float32)
+    b = a.copy()
+    b[0, 1, 0] = -0.5
+    assert round_trip_differences([(E("x"), None, None, a, a), (E("y"), None, None, a, b)]) == {"x": 0.0, "y": 0.5}
+
+
+# ---------------------------------------------------------------- the real phantom
+@pytest.mark.skipif(not HAS_PHANTOM, reason="cytoclr.phantom not written yet")
+def test_phantom_round_trip_through_files(tmp_path, ref, capsys):
+    from cytoclr.phantom import PhantomBrain
+    p = export_phantom(tmp_path / "ph", brains=1, sections=1, spacing_um=400.0, modality="both", seed=3,
+                       chunk=64, progress=False, ref=ref)
+    m = load_manifest(p)
+    brain = PhantomBrain(seed=3, ref=ref)
+    ys = [e["provenance"]["phantom"]["y_mm"] for e in m.data["sections"]]
+    for e, s, y in zip(m.entries, m.sections, ys):
+        orig = brain.section(index=e.index, y_mm=y, spacing_um=400.0, modality=e.modality)
+        assert s.shape == tuple(orig.shape) and s.channels == orig.channels
+        H, W = s.shape
+        for rows, cols in ((slice(0, H), slice(0, W)), (slice(H // 3, H // 3 + 40), slice(W // 5, W // 5 + 50))):
+            assert np.array_equal(s.read(rows, cols), np.asarray(orig.read(rows, cols), np.float32))
+        assert np.array_equal(s.affine, np.asarray(orig.affine, float))
+        rc = np.array([[0.0, 0.0], [H / 2, W / 3]])
+        assert np.allclose(s.to_reference(rc), orig.to_reference(rc))
+        for level in range(3):
+            assert np.array_equal(s.cortex_mask(level), np.asarray(orig.cortex_mask(level), bool))
+    assert check_manifest_cli(str(p)) == 0
+    assert "warning" not in capsys.readouterr().out  # the exported transforms put the masks on the cortex
+
+
+@pytest.mark.skipif(not HAS_PHANTOM, reason="cytoclr.phantom not written yet")
+def test_phantom_export_is_byte_identical(tmp_path, ref):
+    for d in ("a", "b"):
+        export_phantom(tmp_path / d, brains=1, sections=1, spacing_um=1000.0, modality="pli", seed=7, chunk=64,
+                       progress=False, ref=ref)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+
+
+@pytest.mark.skipif(not HAS_PHANTOM, reason="cytoclr.phantom not written yet")
+def test_round_trip_pairs_of_an_export_are_identical(tmp_path, ref):
+    "The exported files hold exactly the procedural pixels: chapter 2's round_trip_max_abs_diff is 0."
+    p = export_phantom(tmp_path / "ph", brains=1, sections=1, spacing_um=1000.0, modality="both", seed=2, chunk=64,
+                       progress=False, ref=ref)
+    disk = load_manifest(p)
+    pairs = round_trip_pairs(disk, spacing_um=1000.0)
+    assert [e.modality for e, *_ in pairs] == ["nissl", "pli"]
+    assert all(a.shape == b.shape and a.dtype == np.float32 for *_, a, b in pairs)
+    assert data_metrics(disk, round_trip_differences(pairs)) == {"manifest_sections": 2, "manifest_brains": 1,
+                                                                  ROUND_TRIP_MAX_ABS_DIFF: 0.0}
