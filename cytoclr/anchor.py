@@ -9,12 +9,14 @@ import csv
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
 from .alignment import affine_residuals, place_section, plane_angle_deg, point_error_mm
 from .anchoring import Frame, encoder_space
-from .core import DataError, atomic_path, check_number, path_fingerprint, progress as progress_bar, save_figure, write_json_atomic
+from .core import (DataError, MetricKeys as K, atomic_path, check_number, path_fingerprint,
+                          progress as progress_bar, save_figure, write_json_atomic)
 from .models import embed
 from .reference import load_reference
 from .sampling import extract_patch, mask_grid
@@ -99,7 +101,6 @@ def manifest_entry(path, summary: dict, modality: str, spacing_um: float, mask=N
 # %% ../nbs/10a_anchor.ipynb #5d8e970b
 def _placed_figure(ref, A, shape, xyz_inliers, title):
     "Three views of the reference cortex with the placed section's outline and its inlier anchors."
-    import matplotlib.pyplot as plt  # plotting only when a figure is drawn
     mid = np.concatenate([ref.mid[h] for h in ref.hemis])[::7]
     H, W = shape
     corners = np.array([[0, 0], [0, W - 1], [H - 1, W - 1], [H - 1, 0], [0, 0]], float) @ A[:, :2].T + A[:, 2]
@@ -117,7 +118,6 @@ def _placed_figure(ref, A, shape, xyz_inliers, title):
 
 def write_placement(folder, summary: dict, entry: dict, rc, anchors_xyz, pl, ref, shape):
     "Write `matches.csv`, `affine.json`, `manifest_entry.yml` and `figures/placed.png` of one placed image into `folder`."
-    import matplotlib.pyplot as plt  # plotting only when a figure is drawn
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "matches.csv") as tmp, open(tmp, "w", newline="") as fh:
