@@ -9,19 +9,20 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-
-import numpy as np
-
 from pathlib import Path
 
-from .core import DataError, atomic_path, write_json_atomic
-from .sampling import mask_grid
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from .anchoring import (Frame, anchor_errors, anchoring_scores, frame_group, nearest_in_frame, plane_distance,
+                               rank_of, section_plane, usable_frame)
+from .core import DataError, MetricKeys as K, check_number
 
 # %% auto #0
 __all__ = ['BRAIN_BOX_MM', 'AffineFit', 'affine_residuals', 'point_error_mm', 'plane_angle_deg', 'ransac_affine',
-           'fit_affine_ransac', 'synthetic_pairs', 'Placement', 'place_section', 'lstsq_affine', 'section_errors',
-           'encoder_from_checkpoint', 'concat_frames', 'open_unregistered', 'anchor_images', 'series_consistency',
-           'anchor_cli']
+           'fit_affine_ransac', 'synthetic_pairs', 'recall_precision', 'Placement', 'place_section', 'lstsq_affine',
+           'section_errors', 'anchors_before_after', 'pooled_before_after', 'place_test_sections', 'alignment_summary',
+           'alignment_metrics']
 
 # %% ../nbs/10_alignment.ipynb #77937bcb
 _MIN_TRIANGLE = 1e-3  # a sample is degenerate when its triangle's height < this share of its longest side (uv)
@@ -89,8 +90,7 @@ def _check_inputs(uv, xyz, threshold_mm, weights, confidence, max_trials, batch,
     if not s[1] > _MIN_TRIANGLE * s[0]:
         raise DataError(f"all {n} pixels lie (nearly) on one line: they cannot determine an affine map of the plane",
                         field="uv")
-    if not (np.isfinite(threshold_mm) and threshold_mm > 0):
-        raise DataError(f"must be a positive number of mm, got {threshold_mm}", field="threshold_mm")
+    check_number(threshold_mm, "threshold_mm", positive=True)  # mm
     if weights is not None:
         w = np.asarray(weights, np.float64)
         if w.shape != (n,):
@@ -98,13 +98,12 @@ def _check_inputs(uv, xyz, threshold_mm, weights, confidence, max_trials, batch,
         if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
             raise DataError("must be finite, non-negative and not all zero", field="weights")
         weights = w
-    if not 0 < confidence < 1:
+    if not 0 < check_number(confidence, "confidence") < 1:
         raise DataError(f"must lie strictly between 0 and 1, got {confidence}", field="confidence")
     for name, v, lo in (("max_trials", max_trials, 1), ("batch", batch, 1), ("min_inliers", min_inliers, 3)):
-        if int(v) != v or v < lo:
-            raise DataError(f"must be an integer >= {lo}, got {v}", field=name)
-    if spacing_um is not None and not (np.isfinite(spacing_um) and spacing_um > 0):
-        raise DataError(f"must be a positive pixel size in um, got {spacing_um}", field="spacing_um")
+        check_number(v, name, integer=True, minimum=lo)
+    if spacing_um is not None:
+        check_number(spacing_um, "spacing_um", positive=True)  # um per pixel
     lo, hi = (float(x) for x in shrinkage)
     if not 0 < lo <= 1 <= hi:
         raise DataError(f"must be (lo, hi) with 0 < lo <= 1 <= hi, got {shrinkage}", field="shrinkage")
@@ -191,7 +190,6 @@ def _search(H, Y, t2, weights, confidence, max_trials, batch, rng):
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
     "One threadpoolctl controller per process (building one scans the loaded libraries: about 1 ms)."
-    from threadpoolctl import ThreadpoolController
     return ThreadpoolController()
 
 
@@ -323,6 +321,13 @@ def synthetic_pairs(n=4000, outlier_share=0.7, noise_mm=0.7, spacing_um=32.0, sh
     xyz[~inl] = rng.uniform(lo, hi, (int((~inl).sum()), 3))
     return uv, xyz, A, inl
 
+
+def recall_precision(inliers, truth) -> tuple[float, float]:
+    "(recall, precision) of an inlier mask (n,) against the true one: the share of right pairs kept, of kept pairs right."
+    inliers, truth = np.asarray(inliers, bool), np.asarray(truth, bool)
+    hit = int((inliers & truth).sum())
+    return hit / int(truth.sum()), hit / max(int(inliers.sum()), 1)
+
 # %% ../nbs/10_alignment.ipynb #cdf6a0e3
 @dataclass
 class Placement:
@@ -419,174 +424,112 @@ def section_errors(A_fit, uv, A_true=None, xyz_true=None) -> dict:
             "plane_angle_error_deg": plane_angle_deg(A_fit, A_best),
             "best_affine_residual_mm": float(np.median(affine_residuals(A_best, uv, xyz_true)))}
 
-# %% ../nbs/10_alignment.ipynb #4ea22b7e
-def encoder_from_checkpoint(path, device="cpu"):
-    "(encoder in eval mode, TrainConfig) of a checkpoint file or folder (`.../checkpoints/<modality>/<method>/`)."
-    from cytoclr.training import TrainConfig, build_model, load_checkpoint
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    st = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(st["config"], file=path)
-    model = build_model(cfg)
-    model.load_state_dict(st["model"])
-    return model.encoder.to(device).eval(), cfg
+# %% ../nbs/10_alignment.ipynb #84093100
+def anchors_before_after(queries, frame, planes: list, si: int, gap_mm: float, query_feats, frame_feats,
+                         threshold_mm: float = 5.0, spacing_um=None, kmax: int = 50, rounds: int = 4, seed: int = 0):
+    """One test section `si` (its patches `queries`, features (q, D)) anchored in `frame` (features (n, D)) by chapter 9's
+    rule (frame patches at least `gap_mm` from its plane), then placed by `place_section`. Returns (parts, before,
+    placement or None, why not placed): parts maps each truth with positions on both sides to (before errors, before
+    ranks, after errors, after ranks, sections), the anchors after alignment being the re-anchored matches (the first
+    anchors when the section could not be placed)."""
+    before = anchor_errors(queries, frame, planes, gap_mm, query_feats, frame_feats, kmax=kmax, seed=seed)
+    usable = plane_distance(frame.xyz, planes[si]) >= gap_mm
+    try:
+        pl, why = place_section(queries.rc, query_feats, frame_feats, frame.xyz, threshold_mm, spacing_um=spacing_um,
+                                usable=usable, k=kmax, rounds=rounds, seed=seed), None
+    except DataError as e:
+        pl, why = None, e.message
+    group, valid, _ = usable_frame(frame, queries, planes, gap_mm)
+    parts = {}
+    for truth, (qx, fx) in {K.REGISTERED: (queries.xyz, frame.xyz), K.HOMOLOGOUS: (queries.xyz_true, frame.xyz_true)}.items():
+        if qx is None or fx is None:
+            continue
+        nearest, _ = nearest_in_frame(qx, fx, group, valid)
+        if pl is None:  # not placed: the anchors stay as they were
+            after_e, after_r = before["errors"][truth], before["ranks"][truth]
+        else:
+            after_e, after_r = np.linalg.norm(qx - fx[pl.matches], axis=1), rank_of(pl.indices, nearest)
+        parts[truth] = (before["errors"][truth], before["ranks"][truth], after_e, after_r, queries.section)
+    return parts, before, pl, why
 
 
-def concat_frames(frames: list):
-    "One frame of several (e.g. a brain's coronal and sagittal frames); all from one embedding space."
-    from cytoclr.anchoring import Frame
-    if not frames:
-        raise DataError("no reference frame given", field="--frame")
-    for f in frames[1:]:
-        f.check_space(frames[0].space, "the first frame's encoder")
-    offs = np.cumsum([0] + [len(f.section_ids) for f in frames[:-1]])
-    cat = lambda k: None if any(getattr(f, k) is None for f in frames) else np.concatenate([getattr(f, k) for f in frames])
-    return Frame(xyz=cat("xyz"), hemi=cat("hemi"), section=np.concatenate([f.section + o for f, o in zip(frames, offs)]),
-                 rc=cat("rc"), brain=cat("brain"), section_ids=[i for f in frames for i in f.section_ids],
-                 xyz_true=cat("xyz_true"), features=cat("features"), space=dict(frames[0].space),
-                 meta={"parts": [f.meta for f in frames]})
+def pooled_before_after(parts: dict, outlier_mm: float = 10.0, kmax: int = 50, n_boot: int = 1000, seed: int = 0) -> dict:
+    """SCORES before and after alignment, per truth, pooled over the sections: `parts` maps a truth to a list of
+    `anchors_before_after` tuples. Returns {truth: {"before": SCORES, "after": SCORES}}."""
+    out = {}
+    for truth, p in parts.items():
+        be, br, ae, ar, g = (np.concatenate(x) for x in zip(*p))
+        out[truth] = {"before": anchoring_scores(be, br, g, outlier_mm, kmax, n_boot, seed),
+                      "after": anchoring_scores(ae, ar, g, outlier_mm, kmax, n_boot, seed)}
+    return out
+
+# %% ../nbs/10_alignment.ipynb #296d7c78
+def _placed_record(sec, queries, before, pl, frame) -> dict:
+    "A placed test section: its whole-section errors per truth, and what the figures show (anchors before and after)."
+    return {"section": sec.id, "placed": True, "inlier_share": float(pl.inliers.mean()),
+            "rounds": len(pl.history), "A": pl.A, "A_true": np.asarray(sec.affine),
+            K.REGISTERED: section_errors(pl.A, queries.rc, A_true=sec.affine),
+            **({K.HOMOLOGOUS: section_errors(pl.A, queries.rc, xyz_true=queries.xyz_true)}
+               if queries.xyz_true is not None else {}),
+            "uv": queries.rc, "xyz": queries.xyz, "before": frame.xyz[before["indices"][:, 0]],
+            "after": frame.xyz[pl.matches], "shape": sec.shape}
 
 
-def open_unregistered(path, modality: str, spacing_um: float, mask=None):
-    "An `ImageSection` of an image file without a transform; its mask from a mask image, else a tissue threshold."
-    from cytoclr.sections import ImageMask, ImageSection, TissueMask, open_image
-    img = open_image(path)
-    m = ImageMask(open_image(mask), field="--mask") if mask else TissueMask(img, modality)
-    return ImageSection(img, modality, float(spacing_um), None, mask=m, id=Path(path).name)
+def place_test_sections(manifest, anchoring_dir, modality: str, encoder: str, brains, frame_brain: str,
+                        series_frames, gap_mm: float, threshold_mm: float = 5.0, kmax: int = 50, rounds: int = 4,
+                        seed: int = 0) -> tuple[dict, list]:
+    """Place every test section of `brains` that chapter 9 saved in `anchoring_dir` (`run_dir/anchoring`) with encoder
+    `encoder` of `modality`, in the frame of `frame_brain` of its series. Returns (parts {truth: [anchors_before_after
+    tuples]}, sections [one record per section: placed or why not])."""
+    root = Path(anchoring_dir)
+    q = Frame.load(root / "queries" / modality / encoder)
+    secs = [manifest.section(i) for i in q.section_ids]
+    planes = [section_plane(s) for s in secs]
+    frames = {p.name: Frame.load(p) for p in sorted((root / "frames" / modality / encoder).iterdir())}
+    parts, sections = {}, []
+    for si, sec in enumerate(secs):
+        if sec.brain not in brains:
+            continue
+        fr = frames.get(f"{frame_brain}_{frame_group(sec, series_frames)}")
+        if fr is None:
+            continue
+        qs = q.subset(q.section == si)
+        got, before, pl, why = anchors_before_after(qs, fr, planes, si, gap_mm, qs.features, fr.features, threshold_mm,
+                                                    sec.spacing_um, kmax, rounds, seed)
+        for truth, t in got.items():
+            parts.setdefault(truth, []).append(t)
+        sections.append({"section": sec.id, "placed": False, "why": why} if pl is None
+                        else _placed_record(sec, qs, before, pl, fr))
+    return parts, sections
+
+# %% ../nbs/10_alignment.ipynb #c2767480
+def alignment_summary(sections: list) -> dict:
+    """`metrics.json`'s `alignment.<modality>.<encoder>`: per truth the medians over the placed sections of their median
+    point error and plane angle (None when none was placed), how many were placed, and every placed section's numbers."""
+    ok = [s for s in sections if s["placed"]]
+    out = {}
+    for truth in K.TRUTHS:
+        per = [s[truth] for s in ok if truth in s]
+        out[truth] = {
+            K.POINT_ERROR_MM: float(np.median([p[K.POINT_ERROR_MM] for p in per])) if per else None,
+            K.PLANE_ANGLE_DEG: float(np.median([p[K.PLANE_ANGLE_DEG] for p in per])) if per else None,
+            K.SECTIONS_PLACED: len(ok), K.SECTIONS: len(sections),
+            "per_section": [{"section": s["section"], **s[truth]} for s in ok if truth in s]}
+    return out
 
 
-def _placed_figure(ref, A, shape, xyz_inliers, title):
-    "Three views of the reference cortex with the placed section's outline and its inlier anchors."
-    import matplotlib.pyplot as plt
-    mid = np.concatenate([ref.mid[h] for h in ref.hemis])[::7]
-    H, W = shape
-    corners = np.array([[0, 0], [0, W - 1], [H - 1, W - 1], [H - 1, 0], [0, 0]], float) @ A[:, :2].T + A[:, 2]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    for ax, (i, j, name) in zip(axes, ((0, 2, "coronal view (x, z)"), (1, 2, "sagittal view (y, z)"), (0, 1, "axial view (x, y)"))):
-        ax.scatter(mid[:, i], mid[:, j], s=0.2, c="0.8")
-        ax.plot(corners[:, i], corners[:, j], "-", color="tab:red", lw=1.5, label="placed section")
-        ax.scatter(xyz_inliers[:, i], xyz_inliers[:, j], s=2, c="tab:blue", label="inlier anchors")
-        ax.set(title=name, aspect="equal", xlabel="xyz"[i] + " (mm)", ylabel="xyz"[j] + " (mm)")
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def anchor_images(images: list, modality: str, spacing_um: float, encoder, frame, out, masks=None, method: str = "",
-                  grid_mm: float = 1.0, threshold_mm: float = 5.0, min_inliers: int = 20, max_patches: int = 4000,
-                  seed: int = 0, progress: bool = True, ref=None) -> dict:
-    """Place unregistered images of `modality` (pixel size `spacing_um`) with `encoder` and its `frame` (chapter 9);
-    write the outputs described above into `out`. Returns {"sections": [summary per image], "series": check}."""
-    import csv
-    import yaml
-    from cytoclr.anchoring import encoder_space
-    from cytoclr.core import path_fingerprint, progress as progress_bar, save_figure
-    from cytoclr.models import embed
-    from cytoclr.sampling import extract_patch
-    if getattr(encoder, "modality", modality) != modality:
-        raise DataError(f"the checkpoint is a {encoder.modality} encoder but the images are {modality}: give the "
-                        f"{modality} checkpoint (checkpoints/{modality}/<method>)", field="--checkpoint")
-    frame.check_space(encoder_space(encoder, modality, method or frame.space.get("method", "")), "this checkpoint")
-    if ref is None:
-        from cytoclr.reference import load_reference
-        ref = load_reference()
-    out = Path(out)
-    masks = list(masks or [None] * len(images))
-    if len(masks) != len(images):
-        raise DataError(f"{len(masks)} masks for {len(images)} images", field="--mask")
-    patch_px = int(frame.meta.get("patch_px") or (frame.meta.get("parts") or [{}])[0].get("patch_px") or 64)
-    results = []
-    for path, mask in zip(images, masks):
-        sec = open_unregistered(path, modality, spacing_um, mask)
-        rc = mask_grid(sec, grid_mm, "auto")
-        if len(rc) > max_patches:
-            rc = rc[np.linspace(0, len(rc) - 1, max_patches).round().astype(int)]
-        if len(rc) < max(3, min_inliers):
-            raise DataError(f"only {len(rc)} patch centres on the section's mask at a {grid_mm} mm grid: "
-                            "a finer --grid-mm, or a mask that covers the tissue", file=path, field="--mask")
-        patches = np.stack([extract_patch(sec, p, patch_px) for p in
-                            progress_bar(rc, desc=f"patches of {Path(path).name}", disable=not progress)])
-        feats = embed(encoder, patches, batch=256)
-        try:
-            pl = place_section(rc, feats, frame.features, frame.xyz, threshold_mm, spacing_um=spacing_um,
-                               min_inliers=min_inliers, seed=seed)
-        except DataError as e:
-            raise DataError(f"cannot place this section: {e.message}", file=path, field=e.field) from None
-        res = affine_residuals(pl.A, rc, frame.xyz[pl.matches])
-        n_u = np.cross(pl.A[:, 0], pl.A[:, 1])
-        summary = {"image": str(path), "patches": int(len(rc)), "inliers": int(pl.inliers.sum()),
-                   "inlier_share": float(pl.inliers.mean()), "median_residual_mm": float(np.median(res[pl.inliers])),
-                   "p90_residual_mm": float(np.percentile(res[pl.inliers], 90)), "rounds": pl.history,
-                   "affine": pl.A.tolist(), "normal": (n_u / np.linalg.norm(n_u)).tolist(),
-                   "centre_mm": (pl.A @ np.array([(sec.shape[0] - 1) / 2, (sec.shape[1] - 1) / 2, 1.0])).tolist()}
-        folder = out / Path(path).name.split(".")[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "matches.csv") as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["row", "col", "x", "y", "z", "similarity", "inlier"])
-            for (r, c), p, s, i in zip(rc, frame.xyz[pl.matches], pl.similarity, pl.inliers):
-                w.writerow([f"{r:.1f}", f"{c:.1f}", f"{p[0]:.3f}", f"{p[1]:.3f}", f"{p[2]:.3f}", f"{s:.4f}", int(i)])
-        write_json_atomic(folder / "affine.json", summary)
-        entry = {"id": Path(path).name.split(".")[0], "brain": "unknown", "path": str(Path(path).resolve()),
-                 "sha256": path_fingerprint(path), "modality": modality, "spacing_um": float(spacing_um),
-                 "transform": {"affine": [[round(float(x), 6) for x in row] for row in pl.A]},
-                 "provenance": {"anchored_by": "cytoclr anchor", "inliers": summary["inliers"],
-                                "inlier_share": round(summary["inlier_share"], 4),
-                                "median_residual_mm": round(summary["median_residual_mm"], 3)}}
-        if mask:
-            entry["mask"] = {"path": str(Path(mask).resolve()), "sha256": path_fingerprint(mask)}
-        with atomic_path(folder / "manifest_entry.yml") as tmp:
-            tmp.write_text("# a ready entry for data_manifest.yml (set `brain` and make `path` relative to the manifest)\n"
-                           + yaml.safe_dump({"sections": [entry]}, sort_keys=False, width=120))
-        fig = _placed_figure(ref, pl.A, sec.shape, frame.xyz[pl.matches][pl.inliers],
-                             f"{Path(path).name}: {summary['inliers']} inliers ({summary['inlier_share']:.0%}), "
-                             f"median residual {summary['median_residual_mm']:.1f} mm")
-        save_figure(fig, folder, "placed")
-        import matplotlib.pyplot as plt
-        plt.close(fig)
-        results.append(summary)
-    return {"sections": results, "series": series_consistency(results)}
-
-
-def series_consistency(results: list, max_angle_deg: float = 10.0) -> dict:
-    "Whether placed sections form a series: planes within `max_angle_deg` of parallel, in the order given."
-    if len(results) < 2:
-        return {"consistent": True, "message": "a single section"}
-    n = np.array([r["normal"] for r in results], np.float64)
-    n /= np.linalg.norm(n, axis=1, keepdims=True)
-    n = n * np.sign(n @ n[0])[:, None]  # one orientation
-    angles = [math.degrees(math.acos(min(1.0, abs(float(a @ n[0]))))) for a in n]
-    pos = np.array([r["centre_mm"] for r in results]) @ n.mean(0)  # (m,) along the mean normal
-    order_ok = bool(np.all(np.diff(pos) > 0) or np.all(np.diff(pos) < 0))
-    ok = max(angles) <= max_angle_deg and order_ok
-    msg = (f"largest angle to the first plane {max(angles):.1f} deg (limit {max_angle_deg:g}); positions along the "
-           f"normal {np.round(pos, 1).tolist()} mm: " + ("in the order given" if order_ok else "NOT in the order given"))
-    return {"consistent": ok, "angles_deg": angles, "positions_mm": pos.tolist(), "message": msg}
-
-
-def anchor_cli(args) -> int:
-    "`cytoclr anchor`: place unregistered images; exit 0 when every image is placed and the series is consistent."
-    if args.run:
-        run = Path(args.run)
-        ckpt = run / "checkpoints" / args.modality / args.method
-        frames = sorted((run / "anchoring" / "frames" / args.modality / args.method).glob("*"))
-        if not frames:
-            raise DataError(f"no {args.modality} frames of '{args.method}' in this run: run chapter 9 first "
-                            f"(cytoclr run --out {run} --only 09_anchoring)", file=run, field="--run")
-    else:
-        if not (args.checkpoint and args.frame):
-            raise DataError("give --run RUN, or both --checkpoint and --frame", field="--run")
-        ckpt, frames = Path(args.checkpoint), [Path(f) for f in args.frame]
-    from cytoclr.anchoring import Frame
-    encoder, cfg = encoder_from_checkpoint(ckpt)
-    frame = concat_frames([Frame.load(f) for f in frames])
-    res = anchor_images(args.images, args.modality, args.spacing_um, encoder, frame, args.out, masks=args.mask,
-                        method=cfg.method, grid_mm=args.grid_mm, threshold_mm=args.threshold_mm,
-                        min_inliers=args.min_inliers, progress=not args.no_progress)
-    for s in res["sections"]:
-        print(f"{s['image']}: placed; {s['inliers']} of {s['patches']} patches are inliers ({s['inlier_share']:.0%}), "
-              f"median residual {s['median_residual_mm']:.1f} mm; outputs in {Path(args.out) / Path(s['image']).name.split('.')[0]}")
-    print(f"series: {res['series']['message']}")
-    return 0 if res["series"]["consistent"] else 1
+def alignment_metrics(results: dict, placed: dict) -> dict:
+    """What chapter 10 adds to `metrics.json`, from `results` {(setting, modality, encoder): pooled_before_after} and
+    `placed` {(setting, modality, encoder): place_test_sections' sections}: every setting's anchoring scores after
+    the alignment (`after_alignment`, and `after_alignment_homologous`), and `alignment` (the frame brain's placements)."""
+    new = {}
+    for (setting, mod, enc), r in results.items():
+        e = new.setdefault(setting, {}).setdefault(mod, {}).setdefault(enc, {})
+        e[K.AFTER_ALIGNMENT] = r[K.REGISTERED]["after"]
+        if K.HOMOLOGOUS in r:
+            e[f"{K.AFTER_ALIGNMENT}_{K.HOMOLOGOUS}"] = r[K.HOMOLOGOUS]["after"]
+    alignment = {}
+    for (setting, mod, enc), secs in placed.items():
+        if setting == K.ANCHORING:
+            alignment.setdefault(mod, {})[enc] = alignment_summary(secs)
+    return {**new, K.ALIGNMENT: alignment}

@@ -5,6 +5,7 @@
 # %% ../nbs/11_multimodal.ipynb #2ece6ed7
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,18 +14,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import DataError, cosine_topk
+from .alignment import anchors_before_after
+from .anchoring import anchoring_scores, plane_distance, rank_of, section_plane
+from .core import DataError, MetricKeys as K, cosine_topk
+from .mapping import linear_probe
+from .sampling import Augment, PatchDataset
 
 # %% auto #0
-__all__ = ['pair_sections', 'pli_positions', 'PairedDataset', 'dataclasses_replace', 'SharedSpace', 'cross_modal_scores',
-           'chance_cross_modal', 'pli_targets', 'Decoder', 'train_decoder', 'prediction_errors', 'nearest_copy']
+__all__ = ['PLI_IN_NISSL_FRAME', 'AREA_TYPE_PROBE', 'pair_sections', 'pli_positions', 'PairedDataset', 'dataclasses_replace',
+           'SharedSpace', 'cross_modal_scores', 'chance_cross_modal', 'pli_targets', 'Decoder', 'train_decoder',
+           'prediction_errors', 'nearest_copy', 'paired_test_rows', 'retrieval_scores', 'pli_in_nissl_frame',
+           'majority_chance', 'area_type_probe', 'predict_pli', 'multimodal_metrics']
 
 # %% ../nbs/11_multimodal.ipynb #91e7c58c
 def pair_sections(nissl_sections: list, pli_sections: list, max_distance_mm: float = 0.5,
                   max_angle_deg: float = 5.0) -> list:
     """[(Nissl section, PLI section, distance mm)]: for every Nissl section the PLI section of the same brain whose
     plane is nearest to its centre (within `max_angle_deg` of parallel and `max_distance_mm`), if there is one."""
-    from cytoclr.anchoring import section_plane
     out = []
     for s in nissl_sections:
         c, n = section_plane(s)
@@ -44,7 +50,6 @@ def pair_sections(nissl_sections: list, pli_sections: list, max_distance_mm: flo
 
 def pli_positions(pairs: list, samples) -> tuple[np.ndarray, np.ndarray]:
     "The PLI pixels (n, 2) of samples drawn on the pairs' Nissl sections, and each pair's distance (n,) mm to its plane."
-    from cytoclr.anchoring import plane_distance, section_plane
     rc, dist = np.empty((len(samples), 2)), np.empty(len(samples))
     for i, (_, p, _) in enumerate(pairs):
         sel = samples.section == i
@@ -60,7 +65,6 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs: list, samples, patch_px: int, augment: bool = True, seed: int = 0, cache: bool = True,
                  progress: bool = True):
-        from cytoclr.sampling import Augment, PatchDataset
         rc, self.distance_mm = pli_positions(pairs, samples)
         pli_samples = dataclasses_replace(samples, rc=rc)
         self.nissl = PatchDataset([a for a, _, _ in pairs], samples, patch_px, views=1,
@@ -99,7 +103,6 @@ class PairedDataset(torch.utils.data.Dataset):
 
 def dataclasses_replace(samples, **changes):
     "A copy of `Samples` with some fields replaced."
-    import dataclasses
     return dataclasses.replace(samples, **changes)
 
 
@@ -120,7 +123,6 @@ def cross_modal_scores(query_feats, gallery_feats, query_xyz, gallery_xyz, group
                        seed: int = 0, outlier_mm: float = 10.0) -> dict:
     """Chapter 9's SCORES of retrieving, for query i (q, D), gallery patch i (q, D) (its pair) among all of them;
     within each group (a test section) only, since pairs are compared with the other locations of their section."""
-    from cytoclr.anchoring import anchoring_scores, rank_of
     q, g, groups = np.asarray(query_feats), np.asarray(gallery_feats), np.asarray(groups)
     if q.shape != g.shape or len(groups) != len(q):
         raise DataError(f"queries {q.shape}, gallery {g.shape} and groups ({len(groups)},) must describe the same pairs",
@@ -136,7 +138,6 @@ def cross_modal_scores(query_feats, gallery_feats, query_xyz, gallery_xyz, group
 
 def chance_cross_modal(query_xyz, gallery_xyz, groups, kmax: int = 50, n_boot: int = 1000, seed: int = 0) -> dict:
     "SCORES of a random ranking of the gallery (the pair at a uniform random rank, a random gallery patch as the match)."
-    from cytoclr.anchoring import anchoring_scores
     rng = np.random.default_rng(seed)
     groups = np.asarray(groups)
     err, rank = np.empty(len(groups)), np.empty(len(groups), np.int64)
@@ -199,3 +200,113 @@ def nearest_copy(query_feats, train_feats, train_targets) -> np.ndarray:
     "The baseline: each query's prediction is the target of its most similar training embedding (cosine)."
     idx, _ = cosine_topk(query_feats, train_feats, 1)
     return np.asarray(train_targets)[idx[:, 0]]
+
+# %% ../nbs/11_multimodal.ipynb #268bd398
+def paired_test_rows(queries_nissl, queries_pli) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test pairs among chapter 9's test patches: (Nissl rows (m,), PLI rows (m,), groups (m,) = the Nissl section
+    index). A Nissl test section pairs with the PLI section of the same id (`/nissl/` -> `/pli/`) when both hold the
+    same number of patches at the same pixels."""
+    qn, qp = queries_nissl, queries_pli
+    pid = {sid: i for i, sid in enumerate(qp.section_ids)}
+    rows_n, rows_p, groups = [], [], []
+    for i, sid in enumerate(qn.section_ids):
+        j = pid.get(sid.replace("/nissl/", "/pli/"))
+        if j is None:
+            continue
+        a, b = np.flatnonzero(qn.section == i), np.flatnonzero(qp.section == j)
+        if len(a) == len(b) and np.allclose(qn.rc[a], qp.rc[b]):  # the same places
+            rows_n.append(a), rows_p.append(b), groups.append(np.full(len(a), i))
+    if not rows_n:
+        raise DataError("no Nissl test section has a PLI test section with patches at the same places",
+                        field="queries_pli")
+    rows_n, rows_p, groups = (np.concatenate(x) for x in (rows_n, rows_p, groups))
+    return rows_n, rows_p, groups
+
+
+def retrieval_scores(feats: dict, test_xyz, groups, kmax: int = 50, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Cross-modal retrieval of every model, {model: {"pli_to_nissl": SCORES, "nissl_to_pli": SCORES}}, from `feats`
+    {model: (Nissl features (m, D), PLI features (m, D))} of the test pairs at `test_xyz` (m, 3); plus "chance"."""
+    retrieval = {}
+    for name, (fn, fp) in feats.items():
+        retrieval[name] = {K.PLI_TO_NISSL: cross_modal_scores(fp, fn, test_xyz, test_xyz, groups, kmax, n_boot, seed),
+                           K.NISSL_TO_PLI: cross_modal_scores(fn, fp, test_xyz, test_xyz, groups, kmax, n_boot, seed)}
+    ch = chance_cross_modal(test_xyz, test_xyz, groups, kmax, n_boot, seed)
+    retrieval["chance"] = {K.PLI_TO_NISSL: ch, K.NISSL_TO_PLI: ch}
+    return retrieval
+
+# %% ../nbs/11_multimodal.ipynb #b3c31435
+def pli_in_nissl_frame(frame, frame_feats, queries, sections: list, planes: list, query_feats_of, brain: str,
+                       gap_mm: float, kmax: int = 50, n_boot: int = 1000, seed: int = 0,
+                       threshold_mm: float = 5.0) -> tuple[dict, list]:
+    """PLI test sections of `brain` (not the sagittal series) anchored in a Nissl `frame` (features (n, D)) and placed
+    by chapter 10's `anchors_before_after`; `query_feats_of(keep)` embeds the PLI test patches `keep` of one section.
+    Returns ({truth: SCORES before, "after_alignment": SCORES after (registered)}, [placed? per section])."""
+    parts_b, parts_a, placed = {}, {}, []
+    for j, s in enumerate(sections):
+        if s.brain != brain or getattr(s, "series", None) == "sagittal":
+            continue
+        keep = queries.section == j
+        q = queries.subset(keep)
+        qf = query_feats_of(keep)
+        got, _, pl, _ = anchors_before_after(q, frame, planes, j, gap_mm, qf, frame_feats, threshold_mm,
+                                             s.spacing_um, kmax, 4, seed)
+        placed.append(pl is not None)
+        for truth, (be, br, ae, ar, g) in got.items():
+            parts_b.setdefault(truth, []).append((be, br, g))
+            parts_a.setdefault(truth, []).append((ae, ar, g))
+    pool = lambda parts: {t: anchoring_scores(*(np.concatenate(x) for x in zip(*p)), 10.0, kmax, n_boot, seed)
+                          for t, p in parts.items()}
+    return {**pool(parts_b), K.AFTER_ALIGNMENT: pool(parts_a)[K.REGISTERED]}, placed
+
+# %% ../nbs/11_multimodal.ipynb #2a29db9b
+def majority_chance(train_labels, test_labels) -> float:
+    "Accuracy of always answering the most frequent training label (ties: the first in sorted order)."
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    return float(np.mean(np.asarray(test_labels) == values[counts.argmax()]))
+
+
+def area_type_probe(train_feats: tuple, test_feats: tuple, train_types, test_types, C: float = 0.1,
+                    seed: int = 0) -> dict:
+    """Accuracy of a linear probe for the area type on the test pairs, trained on the training pairs, from the Nissl
+    features, the PLI features and both concatenated ("joint"); `*_feats` = (Nissl (n, D), PLI (n, D)). Locations of
+    type "none" (outside the cortex) are left out."""
+    t_train, t_test = np.asarray(train_types), np.asarray(test_types)
+    ok_tr, ok_te = t_train != "none", t_test != "none"
+    tr = {"nissl": train_feats[0], "pli": train_feats[1], "joint": np.concatenate(train_feats, 1)}
+    te = {"nissl": test_feats[0], "pli": test_feats[1], "joint": np.concatenate(test_feats, 1)}
+    out = {}
+    for which in ("nissl", "pli", "joint"):
+        pred, _ = linear_probe(tr[which][ok_tr], t_train[ok_tr], te[which][ok_te], C=C, seed=seed)
+        out[which] = float(np.mean(pred == t_test[ok_te]))
+    return out
+
+# %% ../nbs/11_multimodal.ipynb #262db972
+def predict_pli(train_feats, test_feats, train_pli, test_pli, px: int = 16, steps: int = 400, seed: int = 0,
+                model: str = "") -> tuple[dict, dict]:
+    """Low-resolution PLI (`px` pixels) predicted from Nissl embeddings by a `Decoder` trained on the training pairs,
+    against the mean training patch and the nearest training pair's copy. Returns (errors on the test pairs as in
+    `metrics.json`, {"truth", "decoder", "nearest pair"}: the test targets and the two predictions, for figures)."""
+    y_tr, y_te = pli_targets(train_pli, px), pli_targets(test_pli, px)
+    dec = train_decoder(train_feats, y_tr, steps, seed=seed)
+    with torch.no_grad():
+        p_dec = dec(torch.from_numpy(np.asarray(test_feats, np.float32))).numpy()
+    p_mean = np.broadcast_to(y_tr.mean(0), y_te.shape)
+    p_copy = nearest_copy(test_feats, train_feats, y_tr)
+    errors = {"model": model, "decoder": prediction_errors(p_dec, y_te), "mean_patch": prediction_errors(p_mean, y_te),
+              "nearest_pair": prediction_errors(p_copy, y_te), "px": px, "train_pairs": len(train_feats),
+              "test_pairs": len(test_feats)}
+    return errors, {"truth": y_te, "decoder": p_dec, "nearest pair": p_copy}
+
+# %% ../nbs/11_multimodal.ipynb #984be06f
+PLI_IN_NISSL_FRAME, AREA_TYPE_PROBE = "pli_in_nissl_frame", "area_type_probe"  # keys below `multimodal`
+
+
+def multimodal_metrics(retrieval: dict, prediction: dict, pli_in_nissl: dict, probe: dict, chance_type: float,
+                       training: dict, train_pairs: int, test_pairs: int, pairing_mm: float, init: str) -> dict:
+    "`metrics.json`'s `multimodal` entry; `training` maps a model to its `TrainResult`."
+    return {K.MULTIMODAL: {**retrieval, K.PREDICTION: prediction, PLI_IN_NISSL_FRAME: pli_in_nissl,
+                           AREA_TYPE_PROBE: {**probe, "chance": chance_type},
+                           K.TRAINING: {n: {K.FINAL_LOSS: r.final_loss, K.STEPS: r.steps,
+                                            K.IMAGES_PER_SECOND: r.images_per_second} for n, r in training.items()},
+                           "data": {"train_pairs": int(train_pairs), "test_pairs": int(test_pairs),
+                                    "pairing_mm": pairing_mm, "init": init}}}

@@ -1,13 +1,16 @@
-"Tests of cytoclr.alignment: exact recovery, heavy outliers, weights, a slow exhaustive reference, input and plausibility checks."
+"""Tests of cytoclr.alignment: exact recovery, heavy outliers, weights, a slow exhaustive reference, input and plausibility
+checks, placing and scoring test sections (chapter 10's numbers)."""
 import itertools
 import math
 
 import numpy as np
 import pytest
 
-from cytoclr.alignment import (_needed_trials, affine_residuals, fit_affine_ransac, plane_angle_deg, point_error_mm,
-                               ransac_affine, synthetic_pairs)
-from cytoclr.core import DataError
+from cytoclr.alignment import (_needed_trials, affine_residuals, alignment_metrics, alignment_summary,
+                               anchors_before_after, fit_affine_ransac, plane_angle_deg, point_error_mm,
+                               pooled_before_after, ransac_affine, recall_precision, synthetic_pairs)
+from cytoclr.anchoring import Frame, anchoring_scores
+from cytoclr.core import DataError, MetricKeys as K
 
 
 def scores(inliers, truth):
@@ -257,91 +260,95 @@ def test_section_errors_against_an_affine_and_against_points(rng):
         section_errors(B, uv)
 
 
-# ---------------------------------------------------------------- a section nobody has registered: cytoclr anchor
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    "A phantom section exported as a tiled TIFF with its mask, a seeded encoder checkpoint and its frame of that section."
-    import torch
-    from cytoclr.anchoring import Frame, encoder_space
-    from cytoclr.models import embed
-    from cytoclr.sampling import extract_patch, mask_grid
-    from cytoclr.sections import export_phantom, load_manifest
-    from cytoclr.training import TrainConfig, checkpoint_path, train
-    from cytoclr.alignment import encoder_from_checkpoint
-    d = tmp_path_factory.mktemp("anchor")
-    man_path = export_phantom(d / "export", brains=1, sections=1, spacing_um=256.0, modality="nissl", format="tiff",
-                              positions=[-18.0], progress=False)
-    man = load_manifest(man_path)
-    e = man.entries[0]
-    sec = man.section(e.id)
-    for mod, seed in (("nissl", 0), ("pli", 0), ("nissl", 7)):
-        train(TrainConfig(method="random", modality=mod, seed=seed, proj_hidden=16, proj_dim=8), None, d / f"run_{mod}_{seed}",
-              progress=False, write_metrics=False)
-    enc, _ = encoder_from_checkpoint(checkpoint_path(d / "run_nissl_0", "nissl", "random"))
-    rc = mask_grid(sec, 2.0)
-    patches = np.stack([extract_patch(sec, p, 16) for p in rc])
-    feats = embed(enc, patches)
-    xyz = sec.to_reference(rc)
-    fr = Frame(xyz=xyz, hemi=np.zeros(len(rc), np.int8), section=np.zeros(len(rc), np.int64), rc=rc,
-               brain=np.array(["phantom-0"] * len(rc)), section_ids=[e.id], features=feats,
-               space=encoder_space(enc, "nissl", "random"), meta={"patch_px": 16})
-    fr.save(d / "frame")
-    mask = man_path.parent / "phantom-0" / "nissl_000_mask.tif"
-    return dict(d=d, image=e.path, mask=mask, affine=e.affine, n=len(rc))
+def test_recall_precision_by_hand():
+    inl = np.array([1, 1, 1, 0, 0, 1], bool)
+    truth = np.array([1, 1, 0, 1, 0, 0], bool)
+    assert recall_precision(inl, truth) == (2 / 3, 2 / 4)
+    assert recall_precision(np.zeros(6, bool), truth) == (0.0, 0.0)
 
 
-def _cli(*args):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-m", "cytoclr", "anchor", *map(str, args)], capture_output=True, text=True)
+# ---------------------------------------------------------------- placing chapter 9's test sections, scoring them
+def _code(x, z):
+    "A perfect encoder of the position in a coronal plane: features of (x, z) only."
+    return np.stack([np.sin(x / 7), np.cos(x / 7), np.sin(z / 7), np.cos(z / 7), np.sin(x / 3.1), np.cos(x / 3.1),
+                     np.sin(z / 3.1), np.cos(z / 3.1)], 1).astype(np.float32)
 
 
-def test_anchor_places_an_exported_tiff_without_its_transform(exported):
-    "The command's path end to end: identical patches in the frame, so the plane must come out right."
-    import json
-    import yaml
-    d = exported["d"]
-    r = _cli(exported["image"], "--modality", "nissl", "--spacing-um", 256, "--checkpoint",
-             d / "run_nissl_0" / "checkpoints" / "nissl" / "random", "--frame", d / "frame", "--mask", exported["mask"],
-             "--out", d / "out", "--grid-mm", 2, "--min-inliers", 6, "--no-progress")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "placed;" in r.stdout and "Traceback" not in r.stderr
-    out = d / "out" / "nissl_000"
-    info = json.loads((out / "affine.json").read_text())
-    A = np.array(info["affine"])
-    assert plane_angle_deg(A, exported["affine"]) < 1.0
-    assert np.median(point_error_mm(A, exported["affine"], np.array([[0, 0], [300, 400], [600, 100]]))) < 1.0
-    assert info["inliers"] >= 6 and 0 < info["inlier_share"] <= 1
-    rows = (out / "matches.csv").read_text().splitlines()
-    assert rows[0] == "row,col,x,y,z,similarity,inlier" and len(rows) == exported["n"] + 1
-    entry = yaml.safe_load((out / "manifest_entry.yml").read_text())["sections"][0]
-    assert entry["modality"] == "nissl" and np.allclose(entry["transform"]["affine"], A, atol=1e-5)
-    assert (out / "figures" / "placed.png").stat().st_size > 1000
+def _plane_setup(y_query=-10.0):
+    "Test patches on the plane y = y_query (0.5 mm pixels), a frame of the same grid on the plane y = 0."
+    gu, gv = np.meshgrid(np.arange(0, 201, 10.0), np.arange(0, 201, 10.0), indexing="ij")
+    uv = np.stack([gu.ravel(), gv.ravel()], 1)
+    x, z = 0.5 * uv[:, 1] - 50, -0.5 * uv[:, 0] + 50
+    n = len(uv)
+    mk = lambda y, sid: Frame(xyz=np.stack([x, np.full(n, y), z], 1), hemi=np.zeros(n, np.int8),
+                              section=np.zeros(n, np.int64), rc=uv, brain=np.array(["b"] * n), section_ids=[sid],
+                              features=_code(x, z))
+    q, fr = mk(y_query, "query"), mk(0.0, "frame")
+    planes = [(np.array([0.0, y_query, 0.0]), np.array([0.0, 1.0, 0.0]))]
+    return q, fr, planes
 
 
-def test_anchor_refuses_bad_input_with_a_message(exported, tmp_path):
-    d = exported["d"]
-    base = ["--spacing-um", 256, "--frame", d / "frame", "--out", tmp_path / "o", "--grid-mm", 2, "--no-progress"]
-    bad = tmp_path / "broken.tif"
-    bad.write_bytes(b"II*\0garbage")
-    cases = [
-        ([bad, "--modality", "nissl", "--checkpoint", d / "run_nissl_0/checkpoints/nissl/random", *base], "broken.tif"),
-        ([exported["image"], "--modality", "nissl", "--checkpoint", d / "run_pli_0/checkpoints/pli/random", *base],
-         "is a pli encoder"),
-        ([exported["image"], "--modality", "nissl", "--checkpoint", d / "run_nissl_7/checkpoints/nissl/random", *base],
-         "another encoder"),
-        ([exported["image"], "--modality", "nissl", "--spacing-um", 256, "--out", tmp_path / "o"], "--run RUN"),
-    ]
-    for args, phrase in cases:
-        r = _cli(*args)
-        assert r.returncode == 2, (phrase, r.stdout, r.stderr)
-        assert phrase in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_anchors_before_after_by_hand():
+    "Every patch's anchor is the frame patch 10 mm away, before and after: errors 10 mm, ranks 0; the plane y = 0."
+    q, fr, planes = _plane_setup()
+    parts, before, pl, why = anchors_before_after(q, fr, planes, 0, 5.0, q.features, fr.features, 5.0, 500.0, kmax=5)
+    assert why is None and pl is not None
+    be, br, ae, ar, g = parts[K.REGISTERED]
+    np.testing.assert_allclose(be, 10.0)
+    np.testing.assert_allclose(ae, 10.0)
+    assert (br == 0).all() and (ar == 0).all() and (g == 0).all() and list(parts) == [K.REGISTERED]
+    np.testing.assert_array_equal(pl.matches, np.arange(len(q)))
+    assert abs(pl.A[1, 2]) < 1e-6 and np.allclose(pl.A[1, :2], 0, atol=1e-9)  # the fitted plane is y = 0
 
 
-def test_series_consistency():
-    from cytoclr.alignment import series_consistency
-    mk = lambda n, c: {"normal": n, "centre_mm": c}
-    ok = series_consistency([mk([0, 1, 0], [0, -10, 0]), mk([0, 1, 0.02], [0, -5, 0]), mk([0, -1, 0], [0, 0, 0])])
-    assert ok["consistent"]
-    assert not series_consistency([mk([0, 1, 0], [0, -10, 0]), mk([0, 1, 0], [0, 5, 0]), mk([0, 1, 0], [0, 0, 0])])["consistent"]
-    assert not series_consistency([mk([0, 1, 0], [0, 0, 0]), mk([1, 1, 0], [0, 5, 0])])["consistent"]
+def test_anchors_before_after_keeps_the_first_anchors_when_not_placed():
+    q, fr, planes = _plane_setup()
+    parts, before, pl, why = anchors_before_after(q, fr, planes, 0, 5.0, q.features, fr.features, 5.0, 32.0, kmax=5)
+    assert pl is None and "pixel size" in why  # 0.5 mm steps contradict a declared 32 um pixel
+    be, br, ae, ar, _ = parts[K.REGISTERED]
+    assert ae is be and ar is br
+
+
+def test_pooled_before_after_against_anchoring_scores(rng):
+    "Pooling = anchoring_scores on the concatenated sections, before and after."
+    mk = lambda s, n: (rng.uniform(0, 20, n), rng.integers(0, 60, n), rng.uniform(0, 20, n), rng.integers(0, 60, n),
+                       np.full(n, s))
+    a, b = mk(0, 30), mk(1, 40)
+    got = pooled_before_after({K.REGISTERED: [a, b]}, 10.0, 50, 20, 3)
+    ref = anchoring_scores(np.r_[a[0], b[0]], np.r_[a[1], b[1]], np.r_[a[4], b[4]], 10.0, 50, 20, 3)
+    assert got[K.REGISTERED]["before"] == ref
+    assert got[K.REGISTERED]["after"] == anchoring_scores(np.r_[a[2], b[2]], np.r_[a[3], b[3]], np.r_[a[4], b[4]],
+                                                            10.0, 50, 20, 3)
+
+
+def _section(e, a, placed=True, homologous=None):
+    s = {"section": f"s{e}", "placed": placed}
+    if placed:
+        s[K.REGISTERED] = {K.POINT_ERROR_MM: e, K.PLANE_ANGLE_DEG: a}
+        if homologous is not None:
+            s[K.HOMOLOGOUS] = {K.POINT_ERROR_MM: homologous, K.PLANE_ANGLE_DEG: 0.0, "best_affine_residual_mm": 0.1}
+    return s
+
+
+def test_alignment_summary_by_hand():
+    secs = [_section(1.0, 0.5, homologous=4.0), _section(3.0, 1.5), _section(8.0, 9.0), _section(0, 0, placed=False)]
+    r = alignment_summary(secs)
+    assert r[K.REGISTERED][K.POINT_ERROR_MM] == 3.0 and r[K.REGISTERED][K.PLANE_ANGLE_DEG] == 1.5
+    assert r[K.REGISTERED][K.SECTIONS_PLACED] == 3 and r[K.REGISTERED][K.SECTIONS] == 4
+    assert [p["section"] for p in r[K.REGISTERED]["per_section"]] == ["s1.0", "s3.0", "s8.0"]
+    assert r[K.HOMOLOGOUS][K.POINT_ERROR_MM] == 4.0 and len(r[K.HOMOLOGOUS]["per_section"]) == 1
+    none = alignment_summary([_section(0, 0, placed=False)])
+    assert none[K.REGISTERED][K.POINT_ERROR_MM] is None and none[K.REGISTERED][K.SECTIONS] == 1
+
+
+def test_alignment_metrics_layout():
+    sc = lambda v: {"top1": v}
+    results = {(K.ANCHORING, "nissl", "geodesic"): {K.REGISTERED: {"before": sc(0.1), "after": sc(0.2)},
+                                                     K.HOMOLOGOUS: {"before": sc(0.3), "after": sc(0.4)}},
+               (K.ANCHORING_UNSEEN, "nissl", "geodesic"): {K.REGISTERED: {"before": sc(0.5), "after": sc(0.6)}}}
+    placed = {(K.ANCHORING, "nissl", "geodesic"): [_section(2.0, 1.0)],
+              (K.ANCHORING_UNSEEN, "nissl", "geodesic"): [_section(5.0, 1.0)]}
+    m = alignment_metrics(results, placed)
+    assert m[K.ANCHORING]["nissl"]["geodesic"] == {K.AFTER_ALIGNMENT: sc(0.2), "after_alignment_homologous": sc(0.4)}
+    assert m[K.ANCHORING_UNSEEN]["nissl"]["geodesic"] == {K.AFTER_ALIGNMENT: sc(0.6)}
+    assert list(m[K.ALIGNMENT]) == ["nissl"] and m[K.ALIGNMENT]["nissl"]["geodesic"][K.REGISTERED][K.POINT_ERROR_MM] == 2.0

@@ -9,8 +9,11 @@ from cytoclr import training as T
 from cytoclr.anchoring import rank_of
 from cytoclr.core import DataError
 from helpers import Bomb, Interrupt
-from cytoclr.multimodal import (PairedDataset, chance_cross_modal, cross_modal_scores, nearest_copy, pair_sections,
-                                pli_positions, pli_targets, prediction_errors, train_decoder)
+from cytoclr.core import MetricKeys as K
+from cytoclr.multimodal import (PairedDataset, area_type_probe, chance_cross_modal, cross_modal_scores, majority_chance,
+                                multimodal_metrics, nearest_copy, paired_test_rows, pair_sections, pli_in_nissl_frame,
+                                pli_positions, pli_targets, predict_pli, prediction_errors, retrieval_scores,
+                                train_decoder)
 
 
 def coronal(brain, y, shape=(100, 120), tilt_deg=0.0):
@@ -257,3 +260,99 @@ def test_clip_batches_need_both_modalities(tmp_path):
     with pytest.raises(DataError, match="image_pli"):
         T.train(_cfg("clip", 2), T.BatchStream(NoPli(), ToySampler(48, 12)), tmp_path, model=T.build_model(_cfg("clip")),
                 progress=False)
+
+
+# ---------------------------------------------------------------- the chapter's numbers
+def _queries(ids, counts, rc):
+    from cytoclr.anchoring import Frame
+    sec = np.concatenate([np.full(c, i) for i, c in enumerate(counts)]).astype(np.int64)
+    n = len(sec)
+    return Frame(xyz=np.zeros((n, 3)), hemi=np.zeros(n, np.int8), section=sec, rc=rc, brain=np.array(["b"] * n),
+                 section_ids=ids)
+
+
+def test_paired_test_rows_by_hand():
+    rc = np.arange(14, dtype=float).reshape(7, 2)
+    qn = _queries(["b/nissl/1", "b/nissl/2", "b/nissl/3"], [2, 3, 2], rc)
+    # PLI: section 2's twin first, then 1's twin at other pixels, then 3's twin
+    rc_p = np.concatenate([rc[2:5], rc[:2] + 1, rc[5:]])
+    qp = _queries(["b/pli/2", "b/pli/1", "b/pli/3"], [3, 2, 2], rc_p)
+    rows_n, rows_p, groups = paired_test_rows(qn, qp)
+    np.testing.assert_array_equal(rows_n, [2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(rows_p, [0, 1, 2, 5, 6])
+    np.testing.assert_array_equal(groups, [1, 1, 1, 2, 2])
+    with pytest.raises(DataError, match="same places"):
+        paired_test_rows(qn, _queries(["b/pli/9"], [7], rc))
+
+
+def test_retrieval_scores_are_cross_modal_scores_both_ways(rng):
+    groups = np.repeat([0, 1], 20)
+    xyz = rng.uniform(-20, 20, (40, 3))
+    fn, fp = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
+    r = retrieval_scores({"m": (fn, fp)}, xyz, groups, kmax=5, n_boot=10, seed=2)
+    assert r["m"][K.PLI_TO_NISSL] == cross_modal_scores(fp, fn, xyz, xyz, groups, 5, 10, 2)
+    assert r["m"][K.NISSL_TO_PLI] == cross_modal_scores(fn, fp, xyz, xyz, groups, 5, 10, 2)
+    ch = chance_cross_modal(xyz, xyz, groups, 5, 10, 2)
+    assert r["chance"] == {K.PLI_TO_NISSL: ch, K.NISSL_TO_PLI: ch} and list(r) == ["m", "chance"]
+    perfect = retrieval_scores({"same": (fn, fn)}, xyz, groups, kmax=5, n_boot=10)["same"][K.PLI_TO_NISSL]
+    assert perfect["top1"] == 1.0 and perfect["median_error_mm"] == 0.0
+
+
+def test_majority_chance_against_pandas(rng):
+    import pandas as pd
+    for _ in range(5):
+        tr = rng.choice(["a", "b", "c"], 11)
+        te = rng.choice(["a", "b", "c"], 9)
+        assert majority_chance(tr, te) == float(np.mean(te == pd.Series(tr).mode()[0]))
+    assert majority_chance(["b", "a", "a", "b"], ["a", "a", "b"]) == 2 / 3  # a tie: the first in sorted order
+
+
+def test_area_type_probe_against_the_probe_itself(rng):
+    from cytoclr.mapping import linear_probe
+    types = np.array(["x", "y", "none"])
+    t_tr, t_te = types[rng.integers(0, 3, 60)], types[rng.integers(0, 3, 30)]
+    code = lambda t: (t[:, None] == types[None, :2]).astype(float)  # a feature that tells the type
+    tr = (code(t_tr) + 0.1 * rng.normal(size=(60, 2)), rng.normal(size=(60, 3)))
+    te = (code(t_te) + 0.1 * rng.normal(size=(30, 2)), rng.normal(size=(30, 3)))
+    got = area_type_probe(tr, te, t_tr, t_te, seed=0)
+    ok_tr, ok_te = t_tr != "none", t_te != "none"
+    want, _ = linear_probe(tr[1][ok_tr], t_tr[ok_tr], te[1][ok_te], C=0.1, seed=0)
+    assert got["pli"] == float(np.mean(want == t_te[ok_te]))
+    assert got["nissl"] == 1.0 and got["joint"] == 1.0  # the Nissl features tell the type
+
+
+def test_predict_pli_baselines_by_hand(rng):
+    f_tr, f_te = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    p_tr = np.concatenate([rng.random((20, 2, 8, 8)), rng.random((20, 1, 8, 8)) * 180], 1).astype(np.float32)
+    p_te = np.concatenate([rng.random((6, 2, 8, 8)), rng.random((6, 1, 8, 8)) * 180], 1).astype(np.float32)
+    errors, shown = predict_pli(f_tr, f_te, p_tr, p_te, px=2, steps=3, seed=0, model="m")
+    y_tr, y_te = pli_targets(p_tr, 2), pli_targets(p_te, 2)
+    np.testing.assert_array_equal(shown["truth"], y_te)
+    assert errors["mean_patch"]["mse"] == pytest.approx(float(((y_te - y_tr.mean(0)) ** 2).mean()))
+    assert errors["nearest_pair"] == prediction_errors(nearest_copy(f_te, f_tr, y_tr), y_te)
+    assert errors["decoder"] == prediction_errors(shown["decoder"], y_te)
+    assert (errors["model"], errors["px"], errors["train_pairs"], errors["test_pairs"]) == ("m", 2, 20, 6)
+    again, _ = predict_pli(f_tr, f_te, p_tr, p_te, px=2, steps=3, seed=0, model="m")
+    assert again == errors  # seeded
+
+
+def test_pli_in_nissl_frame_pools_the_placed_sections():
+    "PLI test patches on y = -10, a Nissl frame on y = 0 with a perfect shared code: every anchor 10 mm away."
+    from cytoclr.anchoring import Frame, anchoring_scores
+    from test_alignment import _plane_setup
+    q, fr, planes = _plane_setup()
+    secs = [SimpleNamespace(brain="b", series="coronal", spacing_um=500.0)]
+    scores, placed = pli_in_nissl_frame(fr, fr.features, q, secs, planes, lambda keep: q.features[keep], "b", 5.0,
+                                        kmax=5, n_boot=10)
+    want = anchoring_scores(np.full(len(q), 10.0), np.zeros(len(q), np.int64), q.section, 10.0, 5, 10, 0)
+    assert placed == [True] and scores[K.REGISTERED] == want and scores[K.AFTER_ALIGNMENT] == want
+
+
+def test_multimodal_metrics_layout():
+    r = SimpleNamespace(final_loss=1.5, steps=3, images_per_second=10.0)
+    m = multimodal_metrics({"clip": {K.PLI_TO_NISSL: {"top1": 0.5}}}, {"mse": 1}, {"clip": {}}, {"clip": {"nissl": 0.7}},
+                           0.4, {"clip": r}, 96, 12, 0.5, "geodesic")[K.MULTIMODAL]
+    assert m["clip"] == {K.PLI_TO_NISSL: {"top1": 0.5}} and m[K.PREDICTION] == {"mse": 1}
+    assert m["area_type_probe"] == {"clip": {"nissl": 0.7}, "chance": 0.4} and m["pli_in_nissl_frame"] == {"clip": {}}
+    assert m[K.TRAINING] == {"clip": {"final_loss": 1.5, "steps": 3, "images_per_second": 10.0}}
+    assert m["data"] == {"train_pairs": 96, "test_pairs": 12, "pairing_mm": 0.5, "init": "geodesic"}
