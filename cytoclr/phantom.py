@@ -15,8 +15,8 @@ from .phantom_rendering import PhantomSection
 from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
-__all__ = ['LAYERS', 'AREA_TYPES', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'VARIATION_DEFAULTS', 'area_base_name', 'area_type_of',
-           'laminar_profile', 'default_reference', 'PhantomBrain', 'depth_profile', 'area_type_index',
+__all__ = ['LAYERS', 'AREA_TYPES', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'PHANTOM_CODE', 'VARIATION_DEFAULTS', 'area_base_name',
+           'area_type_of', 'laminar_profile', 'default_reference', 'PhantomBrain', 'depth_profile', 'area_type_index',
            'profile_classification', 'displacement_summary', 'patch_centres', 'gallery_centres', 'patch_at',
            'profile_dataset', 'spacing_check', 'accuracy_difference_se']
 
@@ -96,6 +96,10 @@ def default_reference() -> ReferenceBrain:
     if "hcp" not in _REF_CACHE:
         _REF_CACHE["hcp"] = load_hcp_s1200()
     return _REF_CACHE["hcp"]
+
+
+# the phantom generator's code, all of it: what a fingerprint of "the phantom's code" should hash
+PHANTOM_CODE = ("cytoclr.phantom", "cytoclr.phantom_geometry", "cytoclr.phantom_rendering")
 
 
 VARIATION_DEFAULTS = dict(

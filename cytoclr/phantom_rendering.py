@@ -11,7 +11,8 @@ from .phantom_geometry import ATLAS_SEED, _G, PhantomPlane, _cortex, _mix, hash_
 
 # %% auto #0
 __all__ = ['CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'GIANT_UM', 'POISSON_MU_BINS', 'POISSON_U_BINS', 'TEXTURE_MM', 'TEX_SCALE',
-           'TEX_OFFSET', 'READ_TILE_PX', 'poisson_table', 'NisslRendering', 'PliRendering', 'PhantomSection']
+           'TEX_OFFSET', 'READ_TILE_PX', 'poisson_table', 'NisslRendering', 'PliRendering', 'PhantomSection',
+           'texture_neighbour_correlation']
 
 # %% ../nbs/01b_phantom_rendering.ipynb #13d6dd79
 CELL_TILE_MM = 0.1  # cells are drawn per tile of the section plane, seeded by (section, tile): windows agree
@@ -552,3 +553,12 @@ class PhantomSection(PhantomPlane, NisslRendering, PliRendering):
                 img = self._nissl_counts(r0, r1, c0, c1)
             return np.clip(img, 0, 1).astype(np.float32, copy=False).reshape(1, h, w)
         return self._pli(r0, r1, c0, c1)
+
+
+def texture_neighbour_correlation(section, rows: slice, cols: slice) -> float:
+    """Correlation of the lattice texture (value noise on `TEXTURE_MM`) between horizontally neighbouring pixel
+    centres of a window: near 1 when pixels are much finer than the lattice, near 0 when they are coarser."""
+    r0, r1, c0, c1 = section._window(rows, cols)
+    t = section._value_noise(*section._pixels(r0, r1, c0, c1)[2:], TEXTURE_MM, 31).reshape(r1 - r0, c1 - c0)
+    return float(np.corrcoef(t[:, :-1].ravel(), t[:, 1:].ravel())[0, 1])
+

@@ -217,3 +217,11 @@ def test_profile_dataset_and_spacing_check_against_a_slow_reference(brain):
     for r, m in zip(rows[:2], ("nissl", "pli")):  # the classifier's numbers on the same profiles
         want = profile_classification(np.array(want_X[m])[keep], np.array(want_y)[keep])
         assert {k: r[k] for k in want} == want
+
+
+def test_phantom_code_names_every_module_of_the_generator():
+    import inspect
+
+    from cytoclr.phantom import PHANTOM_CODE, PhantomSection
+    mods = {PhantomBrain.__module__} | {k.__module__ for k in inspect.getmro(PhantomSection) if k is not object}
+    assert mods == set(PHANTOM_CODE)

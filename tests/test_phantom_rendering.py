@@ -167,3 +167,20 @@ def test_giant_cells_have_the_giant_diameter(brain, rng):
     cl = sec.cells(slice(r - 200, r + 200), slice(c - 200, c + 200))
     d = cl["diameter_um"][cl["kind"] == 3]
     assert ((d >= 0.75 * R.GIANT_UM) & (d <= 1.25 * R.GIANT_UM)).all()
+
+
+def test_texture_decorrelates_at_coarse_spacing(brain):
+    "The prose's claim: at 32 um/px neighbouring pixels see nearly independent texture (0.03), at 4 um/px nearly the same."
+    rho = {}
+    for sp in (32.0, 4.0):
+        s = brain.section(0, spacing_um=sp, modality="pli")
+        r0, c0 = (np.array(s.shape) * [0.3, 0.25]).astype(int)
+        rho[sp] = R.texture_neighbour_correlation(s, slice(r0, r0 + 200), slice(c0, c0 + 200))
+    assert abs(rho[32.0]) < 0.1 and rho[4.0] > 0.9, rho
+    # by hand on a tiny window: the Pearson correlation of the texture's left and right neighbours
+    s = brain.section(0, spacing_um=32.0, modality="pli")
+    _, _, a, b = s._pixels(10, 13, 20, 24)
+    t = s._value_noise(a, b, R.TEXTURE_MM, 31).reshape(3, 4).astype(np.float64)
+    x, y = t[:, :-1].ravel(), t[:, 1:].ravel()
+    want = ((x - x.mean()) * (y - y.mean())).sum() / np.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert R.texture_neighbour_correlation(s, slice(10, 13), slice(20, 24)) == pytest.approx(want, rel=1e-5)
