@@ -16,8 +16,8 @@ from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
 __all__ = ['LAYERS', 'AREA_TYPES', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'PHANTOM_CODE', 'VARIATION_DEFAULTS', 'area_base_name',
-           'area_type_of', 'laminar_profile', 'default_reference', 'PhantomBrain', 'depth_profile', 'area_type_index',
-           'profile_classification', 'displacement_summary', 'patch_centres', 'gallery_centres', 'patch_at',
+           'area_type_of', 'laminar_profile', 'default_reference', 'PhantomBrain', 'displacement_summary',
+           'depth_profile', 'area_type_index', 'profile_classification', 'patch_centres', 'gallery_centres', 'patch_at',
            'profile_dataset', 'spacing_check', 'accuracy_difference_se']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
@@ -273,6 +273,12 @@ class PhantomBrain:
         return PhantomSection(self, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage,
                               region_mm)
 
+
+def displacement_summary(brain, xyz) -> dict:
+    "How far this subject's cortex is displaced at reference points `xyz` (n, 3): median and maximum length, mm."
+    d = np.linalg.norm(brain.deform(xyz), axis=1)
+    return {"median_mm": float(np.median(d)), "max_mm": float(d.max())}
+
 # %% ../nbs/01_phantom.ipynb #a92535df
 def depth_profile(values, depth, n_bins: int = 10) -> np.ndarray:
     "Mean of `values` per bin of cortical depth (NaN depth = outside cortex, ignored): (n_bins,), NaN for empty bins."
@@ -311,12 +317,6 @@ def profile_classification(profiles, labels, folds: int = 4, seed: int = 0) -> d
     model = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=2000))
     acc = cross_val_score(model, X, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     return {"accuracy": float(acc.mean()), "chance": float(counts.max() / counts.sum()), "n": int(len(y)), "folds": k}
-
-
-def displacement_summary(brain, xyz) -> dict:
-    "How far this subject's cortex is displaced at reference points `xyz` (n, 3): median and maximum length, mm."
-    d = np.linalg.norm(brain.deform(xyz), axis=1)
-    return {"median_mm": float(np.median(d)), "max_mm": float(d.max())}
 
 
 def patch_centres(brain, index: int, per_type: int, rng, spacing_um: float = 256.0) -> dict:
