@@ -5,21 +5,20 @@
 # %% ../nbs/01_phantom.ipynb #17e82add
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
-from .core import DataError
+from .core import DataError, check_number
+from .phantom_geometry import ATLAS_SEED, _eval_field, _fourier_field
+from .phantom_rendering import PhantomSection
 from .reference import ReferenceBrain, load_hcp_s1200
 
 # %% auto #0
-__all__ = ['LAYERS', 'AREA_TYPES', 'GIANT_UM', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'ATLAS_SEED', 'VARIATION_DEFAULTS', 'AXES',
-           'MODALITIES', 'GEOMETRY_CACHE_ENV', 'CELL_TILE_MM', 'COLUMN_PERIOD_MM', 'POISSON_MU_BINS', 'POISSON_U_BINS',
-           'TEXTURE_MM', 'TEX_SCALE', 'TEX_OFFSET', 'READ_TILE_PX', 'area_base_name', 'area_type_of', 'laminar_profile',
-           'hash_uniform', 'default_reference', 'PhantomBrain', 'locate_columns', 'PhantomSection',
-           'geometry_cache_path', 'plane_geometry', 'poisson_table', 'depth_profile', 'area_type_index',
-           'profile_classification']
+__all__ = ['LAYERS', 'AREA_TYPES', 'AREA_OVERRIDES', 'AREA_TYPE_RULES', 'PHANTOM_CODE', 'VARIATION_DEFAULTS', 'area_base_name',
+           'area_type_of', 'laminar_profile', 'default_reference', 'PhantomBrain', 'displacement_summary',
+           'depth_profile', 'area_type_index', 'profile_classification', 'patch_centres', 'gallery_centres', 'patch_at',
+           'profile_dataset', 'spacing_check', 'accuracy_difference_se']
 
 # %% ../nbs/01_phantom.ipynb #47efcb06
 LAYERS = ("I", "II", "III", "IV", "V", "VI")
@@ -28,7 +27,7 @@ LAYERS = ("I", "II", "III", "IV", "V", "VI")
 # thickness: relative layer thickness (normalised to 1); density: cell bodies per mm^2 of a 20 um section;
 # soma_um: mean soma diameter; pyramidal: share of pyramidal (vs granular/round) cells; columnar: strength
 # of the radial arrangement in cell columns (0 none, 1 strong). giant: share of layer-V pyramids that are giant
-# (Betz cells, `giant_um` across). band_I / band_IV: strength of the tangential fibre bands in layer I and in
+# (Betz cells, `GIANT_UM` across: a rendering constant). band_I / band_IV: strength of the tangential fibre bands in layer I and in
 # layer IV/V (outer band of Baillarger; the stria of Gennari in V1); radial: radial fibre strength; myelin:
 # light attenuation of the cortex in 3D-PLI.
 AREA_TYPES = {
@@ -53,7 +52,6 @@ AREA_TYPES = {
         soma_um=[7, 10, 12, 8, 14, 11], pyramidal=[0.0, 0.7, 0.9, 0.3, 0.9, 0.7],
         columnar=[0.0, 0.1, 0.15, 0.1, 0.2, 0.1], giant=0.0, band_I=0.5, band_IV=0.15, radial=0.35, myelin=0.35),
 }
-GIANT_UM = 45.0  # soma diameter of giant layer-V pyramids (Betz cells)
 AREA_OVERRIDES = {"V1": dict(band_IV=1.0)}  # per-area changes on top of the type: V1's stria of Gennari
 
 # MMP1.0 area name (without the L_/R_ prefix and _ROI suffix) -> area type; first matching pattern wins,
@@ -89,42 +87,7 @@ def laminar_profile(area_type: str, types: dict | None = None) -> dict:
         raise DataError(f"unknown area type '{area_type}': expected one of {sorted(types)}", field="area_type")
     return {k: (np.array(v, np.float64) if isinstance(v, list) else float(v)) for k, v in types[area_type].items()}
 
-# %% ../nbs/01_phantom.ipynb #7964d4ac
-_G = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix(z):
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def hash_uniform(*keys) -> np.ndarray:
-    "Counter-based random numbers: uniform [0, 1) float64, a pure function of integer keys (broadcast)."
-    with np.errstate(over="ignore"):
-        arrays = np.broadcast_arrays(*[np.asarray(k, np.int64) for k in keys])
-        h = np.full(arrays[0].shape, _G, np.uint64)
-        for k in arrays:
-            h = _mix(h + _G + np.array(k).view(np.uint64))
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-
-
-def _fourier_field(rng, n_waves: int, wavelength_mm: tuple, dims: int):
-    "Random smooth field R^3 -> R^dims as a sum of plane waves: (wave vectors (K, 3), phases (K,), amplitudes (K, dims))."
-    k = rng.normal(size=(n_waves, 3))
-    k /= np.linalg.norm(k, axis=1, keepdims=True)
-    k *= (2 * np.pi / rng.uniform(*wavelength_mm, size=n_waves))[:, None]
-    amp = rng.normal(size=(n_waves, dims)) * np.sqrt(2.0 / n_waves)  # unit RMS per output dimension
-    return k, rng.uniform(0, 2 * np.pi, n_waves), amp
-
-
-def _eval_field(field, xyz):
-    k, phase, amp = field
-    return np.sin(xyz @ k.T + phase) @ amp  # (n, K) @ (K, dims) -> (n, dims)
-
 # %% ../nbs/01_phantom.ipynb #a5506dea
-ATLAS_SEED = 20240  # seeds what all brains share: per-area jitter of the profiles and within-area gradients
 _REF_CACHE = {}
 
 
@@ -133,6 +96,10 @@ def default_reference() -> ReferenceBrain:
     if "hcp" not in _REF_CACHE:
         _REF_CACHE["hcp"] = load_hcp_s1200()
     return _REF_CACHE["hcp"]
+
+
+# the phantom generator's code, all of it: what a fingerprint of "the phantom's code" should hash
+PHANTOM_CODE = ("cytoclr.phantom", "cytoclr.phantom_geometry", "cytoclr.phantom_rendering")
 
 
 VARIATION_DEFAULTS = dict(
@@ -167,11 +134,9 @@ class PhantomBrain:
         v = self.variation
         for name in ("deform_mm", "gradient_strength", "area_jitter", "brain_jitter", "stain_variation",
                      "shrinkage_sd", "tilt_sd_deg"):
-            if not (np.isfinite(v[name]) and v[name] >= 0):
-                raise DataError(f"must be a finite number >= 0, got {v[name]!r}", field=name)
+            check_number(v[name], name, minimum=0)
         for name in ("geometry_mm", "stamp_below_um", "section_step_mm"):
-            if not (np.isfinite(v[name]) and v[name] > 0):
-                raise DataError(f"must be a finite number > 0, got {v[name]!r}", field=name)
+            check_number(v[name], name, positive=True)
         self.id = f"phantom-{self.seed}"
         rng = np.random.default_rng([self.seed, 1])
         self.deformation = _fourier_field(rng, 16, v["deform_wavelength_mm"], 3)
@@ -308,947 +273,11 @@ class PhantomBrain:
         return PhantomSection(self, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage,
                               region_mm)
 
-# %% ../nbs/01_phantom.ipynb #52ff4470
-def locate_columns(ref, q, width_mm: float = 0.5, chunk: int = 100_000) -> dict:
-    """Like `ReferenceBrain.locate`, with one KD-tree query per point and an *unclipped, smoothed* depth: the column
-    parameter averaged over the nearby columns of the same bank (the columns of a 32k mesh are 2 mm apart and not
-    parallel, so the nearest column alone gives depths with steps). Returns vertex (global), near, depth, distance_mm,
-    area and ribbon (near a column of an area, within `lateral_tol_mm`)."""
-    parts = []
-    for i in range(0, len(q), chunk):
-        p = q[i:i + chunk]
-        dist, cand = ref.tree.query(p, k=ref.k_candidates, distance_upper_bound=ref.search_radius_mm, workers=-1)
-        near = np.isfinite(dist[:, 0])
-        cand = np.where(np.isfinite(dist), cand, cand[:, :1])
-        cand[~near] = 0
-        a = ref._pial_all[cand]  # (n, k, 3)
-        ab = ref._white_all[cand] - a
-        L2 = np.maximum(np.einsum("nkc,nkc->nk", ab, ab), 1e-12)
-        t = np.einsum("nkc,nkc->nk", p[:, None] - a, ab) / L2
-        diff = p[:, None] - (a + np.clip(t, 0, 1)[..., None] * ab)
-        d = np.sqrt(np.einsum("nkc,nkc->nk", diff, diff))  # (n, k) distance to each column segment
-        best = d.argmin(1)
-        rows = np.arange(len(p))
-        g, d_best = cand[rows, best], d[rows, best]
-        abb = ab[rows, best]  # (n, 3) the chosen column
-        same = np.einsum("nkc,nc->nk", ab, abb) / np.sqrt(L2 * L2[rows, best][:, None]) > 0.5
-        w = np.exp(-(((d - d_best[:, None]) / width_mm) ** 2)) * same  # the best column always has weight 1
-        area = ref._labels_all[g]
-        parts.append(dict(vertex=g, near=near, depth=np.where(near, (w * t).sum(1) / w.sum(1), -1.0),
-                          distance_mm=np.where(near, d_best, np.inf), area=area,
-                          ribbon=near & (d_best <= ref.lateral_tol_mm) & (area > 0)))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-
-def _smooth_axes(v, sigma):
-    "Smooth a field of axes (..., 3) (sign-free directions) by Gaussian-smoothing v v^T; returns unit principal axes."
-    from scipy.ndimage import gaussian_filter
-    T = v[..., :, None] * v[..., None, :]  # (na, nb, 3, 3)
-    T = np.stack([gaussian_filter(T[..., i, j], sigma, mode="nearest") for i in range(3) for j in range(3)], -1)
-    T = T.reshape(-1, 3, 3)
-    e = v.reshape(-1, 3)
-    for _ in range(4):  # power iteration from the unsmoothed axes: the principal axis of the smoothed tensor
-        e = np.einsum("nij,nj->ni", T, e)
-        e /= np.maximum(np.sqrt((e * e).sum(1, keepdims=True)), 1e-12)
-    return e.reshape(v.shape)
-
-
-AXES = {  # cutting axis -> (plane normal, image "down" direction, image "right" direction) before tilt
-    "coronal": ((0, 1, 0), (0, 0, -1), (1, 0, 0)),
-    "sagittal": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
-    "axial": ((0, 0, 1), (0, -1, 0), (1, 0, 0)),
-}
-MODALITIES = {"nissl": ("nissl",), "pli": ("transmittance", "retardation", "direction")}
-
-
-def _rot(axis, deg):
-    "Rotation matrix (3, 3) about unit `axis` by `deg` degrees (Rodrigues)."
-    a = np.asarray(axis, np.float64) / np.linalg.norm(axis)
-    t = np.deg2rad(deg)
-    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K
-
-
-def _num(x, name, positive=False):
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        raise DataError(f"must be a number, got {x!r}", field=name) from None
-    if not np.isfinite(x) or (positive and x <= 0):
-        raise DataError(f"must be a finite number{' > 0' if positive else ''}, got {x!r}", field=name)
-    return x
-
-
-class PhantomSection:
-    "A plane through a phantom brain, rendered lazily window by window; the `Section` interface."
-    source = "phantom"
-
-    def __init__(self, brain, index, y_mm, axis, tilt_deg, spacing_um, modality, rotation_deg, flip, shrinkage,
-                 region_mm=None):
-        if axis not in AXES:
-            raise DataError(f"unknown axis '{axis}': expected one of {sorted(AXES)}", field="axis")
-        if modality not in MODALITIES:
-            raise DataError(f"unknown modality '{modality}': expected one of {sorted(MODALITIES)}", field="modality")
-        self.spacing_um = _num(spacing_um, "spacing_um", positive=True)
-        shrinkage = _num(shrinkage, "shrinkage", positive=True)
-        rotation_deg = _num(rotation_deg, "rotation_deg")
-        self.brain, self._b, self.section, self.modality = brain.id, brain, int(index), modality
-        self.channel_names = MODALITIES[modality]
-        self.channels = len(self.channel_names)
-        self.seed = int(hash_uniform(brain.seed, self.section, 11) * 2 ** 52)  # this section's own random stream
-        v = brain.variation
-        y = brain.section_y(self.section) if y_mm is None else _num(y_mm, "y_mm")
-        if tilt_deg is None:
-            u = hash_uniform(brain.seed, self.section, [12, 13])
-            tilt_deg = tuple(v["tilt_sd_deg"] * np.sqrt(-2 * np.log(1 - u[0])) * np.array([np.cos(2 * np.pi * u[1]), np.sin(2 * np.pi * u[1])]))
-        if len(tilt_deg) != 2:
-            raise DataError(f"tilt_deg must be (a, b) degrees or None, got {tilt_deg!r}", field="tilt_deg")
-        self.tilt_deg = (_num(tilt_deg[0], "tilt_deg"), _num(tilt_deg[1], "tilt_deg"))
-        self.axis, self.y_mm, self.rotation_deg, self.flip = axis, y, rotation_deg, bool(flip)
-        nrm, down, right = (np.array(a, np.float64) for a in AXES[axis])
-        R = _rot(right, self.tilt_deg[0]) @ _rot(down, self.tilt_deg[1])
-        self.normal, self.e_down, self.e_right = R @ nrm, R @ down, R @ right
-        self.p0 = y * nrm  # a point on the plane (subject space == registered reference space)
-        # the tissue rectangle: where the (deformed) cortex meets the plane, plus a margin
-        ref = brain.ref
-        pial = np.concatenate([ref.pial[h] for h in ref.hemis])
-        pial = pial + brain.deform(pial)
-        near = np.abs((pial - self.p0) @ self.normal) < 3.0
-        if near.sum() < 10:
-            raise DataError(f"the {axis} plane at {y} mm misses the brain", field="y_mm")
-        E = np.stack([self.e_down, self.e_right], 1)  # (3, 2)
-        ab = (pial[near] - self.p0) @ E  # (m, 2) plane coordinates, mm
-        lo, hi = ab.min(0) - 4.0, ab.max(0) + 4.0
-        if region_mm is not None:  # a window of the plane (e.g. a few cm^2 at paper resolution)
-            try:
-                reg = np.asarray(region_mm, np.float64).reshape(2, 2)  # ((a0, a1), (b0, b1))
-            except (TypeError, ValueError):
-                raise DataError(f"region_mm must be ((a0, a1), (b0, b1)) in mm, got {region_mm!r}", field="region_mm") from None
-            lo, hi = np.maximum(lo, reg.min(1)), np.minimum(hi, reg.max(1))
-            if not np.isfinite(reg).all() or (hi - lo <= 0).any():
-                raise DataError(f"region_mm {reg.tolist()} does not overlap the tissue of this plane "
-                                f"(a {lo[0]:.0f}..{hi[0]:.0f}, b {lo[1]:.0f}..{hi[1]:.0f} mm)", field="region_mm")
-        self.region_mm = None if region_mm is None else reg.tolist()
-        self.tissue_box = np.array([lo, hi])  # [[a0, b0], [a1, b1]] mm
-        # image <-> plane: (a, b) = M2 @ (r, c) + t2 ; rotation and flip in the image plane, shrinkage scales
-        self.shrinkage = shrinkage * brain.shrinkage
-        s = self.spacing_um / 1000.0 / self.shrinkage  # mm of (unshrunk) tissue per pixel
-        th = np.deg2rad(rotation_deg)
-        Rt = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-        F = np.diag([1.0, -1.0 if self.flip else 1.0])
-        self.M2 = Rt @ F * s
-        half = (hi - lo) / 2
-        ext = np.abs(Rt) @ half  # half extent of the rotated rectangle, image axes
-        self.shape = (int(np.ceil(2 * ext[0] / s)), int(np.ceil(2 * ext[1] / s)))
-        centre_rc = (np.array(self.shape, np.float64) - 1) / 2
-        self.t2 = (lo + hi) / 2 - self.M2 @ centre_rc
-        self.M2inv = np.linalg.inv(self.M2)
-        A = np.zeros((3, 3))
-        A[:, :2] = E @ self.M2
-        A[:, 2] = self.p0 + E @ self.t2
-        self.affine = A  # xyz_mm = A @ [row, col, 1]
-        self.mm_per_px = s
-        self._geom = self._axes = self._tex_axes = None
-
-    def __repr__(self):
-        return (f"PhantomSection({self.brain}, #{self.section}, {self.axis} {self.y_mm:.1f} mm, {self.modality}, "
-                f"{self.spacing_um} um/px, shape {self.shape})")
-
-    # -- coordinates ---------------------------------------------------------------------------------------------
-    def to_reference(self, rc) -> np.ndarray:
-        "Reference coordinates (n, 3) mm of pixel positions `rc` (n, 2) (row, col): the section's affine."
-        rc = np.asarray(rc, np.float64).reshape(-1, 2)
-        return rc @ self.affine[:, :2].T + self.affine[:, 2]
-
-    def from_reference(self, xyz) -> np.ndarray:
-        "Pixel positions (n, 2) of reference points `xyz` (n, 3), least squares on the section plane."
-        xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
-        return (xyz - self.affine[:, 2]) @ np.linalg.pinv(self.affine[:, :2]).T
-
-    def _plane(self, r, c):
-        "Plane coordinates (a, b) mm of pixel positions (elementwise: the same pixel always gives the same bits)."
-        M, t = self.M2, self.t2
-        return M[0, 0] * r + M[0, 1] * c + t[0], M[1, 0] * r + M[1, 1] * c + t[1]
-
-    # -- geometry on a coarse grid ---------------------------------------------------------------------------------
-    FIELDS = ("depth", "inside", "wm", "gradient", "colx", "coly", "colz", "fibx", "fiby", "fibz")
-
-    @property
-    def geometry(self) -> dict:
-        "The section's geometry on a coarse grid (computed once per plane, `plane_geometry`): fields (na, nb, F), area and vertex (na, nb)."
-        if self._geom is None:
-            # spacing, rotation, flip and shrinkage do not change it; a region (a smaller tissue box) does
-            key = (self.axis, self.y_mm, self.tilt_deg, tuple(self.tissue_box.ravel().tolist()))
-            cache = self._b._geometry_cache
-            if key not in cache:
-                while len(cache) >= 8:  # a small memory (about 20 MB per plane): the most recent planes
-                    cache.pop(next(iter(cache)))
-                cache[key] = plane_geometry(self, key)  # from the disk cache, or computed and stored there
-            self._geom = cache[key]
-        return self._geom
-
-    def _compute_geometry(self):
-        b, ref = self._b, self._b.ref
-        g = b.variation["geometry_mm"]
-        (a0, b0), (a1, b1) = self.tissue_box
-        na, nb = int(np.ceil((a1 - a0) / g)) + 2, int(np.ceil((b1 - b0) / g)) + 2
-        A, B = np.meshgrid(a0 + g * np.arange(na), b0 + g * np.arange(nb), indexing="ij")
-        xyz = self.p0 + A.reshape(-1, 1) * self.e_down + B.reshape(-1, 1) * self.e_right  # (n, 3) subject space
-        # the smooth fields (wavelengths >= 30 mm) are evaluated every 1 mm and interpolated
-        from scipy.ndimage import map_coordinates
-        k = max(1, int(round(1.0 / g)))
-        sub = xyz.reshape(na, nb, 3)[::k, ::k]
-        coords = np.stack(np.meshgrid(np.arange(na) / k, np.arange(nb) / k, indexing="ij")).reshape(2, -1)
-        up = lambda F: np.stack([map_coordinates(F[..., j], coords, order=1, mode="nearest") for j in range(3)], 1)
-        q = xyz - up(b.deform(sub.reshape(-1, 3)).reshape(sub.shape))  # the homologous reference point
-        loc = locate_columns(ref, q)
-        gv, near, t, ribbon = loc["vertex"], loc["near"], loc["depth"], loc["ribbon"]
-        col = ref._white_all[gv] - ref._pial_all[gv]
-        col /= np.maximum(np.sqrt((col * col).sum(1, keepdims=True)), 1e-9)
-        col[~near] = 0
-        # white matter: inside the white surface, just below a column, or deep in the ribbon (so the two meet)
-        wm = np.maximum(ref.white_matter(q, fraction=True), (near & (t > 1) & (loc["distance_mm"] < 3.0)) | (ribbon & (t > 0.5)))
-        fib = up(_eval_field(b.fibre_field, sub.reshape(-1, 3)).reshape(sub.shape)) + 0.5  # white-matter directions
-        fib -= np.where(near[:, None] & (loc["distance_mm"][:, None] < 6), (fib * col).sum(1, keepdims=True) * col, 0)
-        fib /= np.maximum(np.sqrt((fib * fib).sum(1, keepdims=True)), 1e-9)  # ... along the white surface
-        fib = _smooth_axes(fib.reshape(na, nb, 3), 1.0 / g).reshape(-1, 3)  # fibres are axes: smooth f f^T
-        F = np.stack([np.clip(t, -1, 2), ribbon, wm, b.gradient[gv] * near, *col.T, *fib.T], 1).astype(np.float32)
-        F3 = F.reshape(na, nb, -1)
-        for edge in (F3[0], F3[-1], F3[:, 0], F3[:, -1]):  # the outer ring holds no tissue: clamped lookups
-            edge[:, 1:3] = 0                               # beyond the grid find none
-        area = np.where(ribbon, loc["area"], 0).astype(np.int32).reshape(na, nb)
-        # nearest-node lookups at the edge of the ribbon may hit a node just outside it: give those nodes the
-        # area of a neighbour (nodes inside keep their own)
-        from scipy.ndimage import maximum_filter
-        filled = np.where(area > 0, area, maximum_filter(area, size=3, mode="nearest"))
-        return _geometry_dict(np.array([a0, b0]), g, F, area, filled.ravel(),
-                              np.where(near, gv, -1).astype(np.int32).reshape(na, nb))
-
-    def _interp(self, a, b, n_fields: int = 10, table=None):
-        """Bilinear interpolation of the first `n_fields` coarse fields (or of the columns of `table`, nodes x fields)
-        at plane points (n,) (float32 or float64): (n, F) float32, and the area (n,) of the nearest node. Points
-        beyond the grid clamp to its empty outer ring."""
-        G = self.geometry
-        na, nb, nf = G["fields"].shape
-        flat = table if table is not None else G["flat4"] if n_fields <= 4 else G["flat"]
-        dt = np.float32 if a.dtype == np.float32 else np.float64
-        fa = (a - dt(G["origin"][0])) * dt(1 / G["step"])
-        fb = (b - dt(G["origin"][1])) * dt(1 / G["step"])
-        ia, ib = np.floor(np.clip(fa, 0, na - 2)), np.floor(np.clip(fb, 0, nb - 2))
-        ta = np.clip(fa - ia, 0, 1).astype(np.float32)[:, None]
-        tb = np.clip(fb - ib, 0, 1).astype(np.float32)[:, None]
-        i00 = ia.astype(np.intp) * nb + ib.astype(np.intp)
-        g00, g10 = np.take(flat, i00, axis=0), np.take(flat, i00 + nb, axis=0)  # np.take: much faster than flat[i]
-        g01, g11 = np.take(flat, i00 + 1, axis=0), np.take(flat, i00 + nb + 1, axis=0)
-        top = g00 + ta * (g10 - g00)
-        out = top + tb * (g01 + ta * (g11 - g01) - top)
-        area = np.take(G["area_fill"], i00 + (ta[:, 0] > 0.5) * nb + (tb[:, 0] > 0.5))  # nearest node
-        return out[:, :n_fields], area
-
-# %% ../nbs/01_phantom.ipynb #3c9e7d01
-GEOMETRY_CACHE_ENV = "CYTOCLR_GEOMETRY_CACHE"  # "0": never read or write plane geometry on disk
-
-
-def _geometry_dict(origin, step: float, flat, area, area_fill, vertex) -> dict:
-    "A plane's geometry from its arrays: flat (na * nb, F) float32 fields, area and vertex (na, nb), area_fill (na * nb,)."
-    na, nb = area.shape
-    flat = np.ascontiguousarray(flat, np.float32)
-    return dict(origin=np.asarray(origin, np.float64), step=float(step), fields=flat.reshape(na, nb, -1), flat=flat,
-                flat4=np.ascontiguousarray(flat[:, :4]), area=area, area_fill=area_fill, vertex=vertex)
-
-
-def _brain_fingerprint(brain) -> str:
-    "SHA-256 of what a plane's geometry depends on besides the plane: the code, the subject and the reference."
-    import hashlib
-    import json
-    from cytoclr.core import source_fingerprint
-    fp = getattr(brain, "_geometry_fingerprint", None)
-    if fp is None:
-        ref = brain.ref
-        h = hashlib.sha256(source_fingerprint("cytoclr.phantom", "cytoclr.reference").encode())
-        h.update(json.dumps({"seed": brain.seed, "variation": brain.variation, "areas": list(ref.area_names),
-                             "ref": [ref.lateral_tol_mm, ref.k_candidates, ref.search_radius_mm]},
-                            sort_keys=True, default=repr).encode())
-        for hemi in ref.hemis:
-            for a in (ref.white[hemi], ref.pial[hemi], ref.mid[hemi], ref.faces[hemi], ref.labels[hemi]):
-                a = np.ascontiguousarray(a)
-                h.update(f"{a.dtype}{a.shape}".encode())
-                h.update(a.tobytes())
-        brain._geometry_fingerprint = fp = h.hexdigest()
-    return fp
-
-
-def geometry_cache_path(brain, key):
-    "The file of plane `key`'s geometry in `cache_dir()/phantom_geometry` (None when $CYTOCLR_GEOMETRY_CACHE is 0)."
-    import hashlib
-    from cytoclr.geodesic import cache_dir
-    if os.environ.get(GEOMETRY_CACHE_ENV, "1") == "0":
-        return None
-    digest = hashlib.sha256(f"{_brain_fingerprint(brain)}|{key!r}".encode()).hexdigest()[:40]
-    return cache_dir() / "phantom_geometry" / f"{digest}.npz"
-
-
-def plane_geometry(section, key) -> dict:
-    """The geometry of `section`'s plane: read from the disk cache, or computed and written there (atomically).
-
-    Every chapter is its own process, and most read the same planes: computing a plane costs about a second,
-    reading it a few milliseconds. A damaged or unreadable file is computed again; a disk that cannot be written
-    only costs the time. The file name depends on the phantom's and the reference's code, the subject and the plane."""
-    import zipfile
-    from cytoclr.core import atomic_path
-    path = geometry_cache_path(section._b, key)
-    if path is not None and path.exists():
-        try:
-            with np.load(path) as z:
-                return _geometry_dict(z["origin"], z["step"], z["flat"], z["area"], z["area_fill"], z["vertex"])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # computed and written again below
-    g = section._compute_geometry()
-    if path is not None:
-        try:
-            with atomic_path(path) as tmp:
-                np.savez_compressed(tmp, **{k: g[k] for k in ("origin", "step", "flat", "area", "area_fill", "vertex")})
-        except OSError:
-            pass
-    return g
-
-# %% ../nbs/01_phantom.ipynb #461d1ed0
-def _cortex(f):
-    "Inside the cortical ribbon: the column check holds and the interpolated (unclipped) depth lies in [0, 1]."
-    return (f[:, 1] >= 0.5) & (f[:, 0] >= 0) & (f[:, 0] <= 1)
-
-
-def _window(self, rows, cols):
-    "Validate slices -> (r0, r1, c0, c1)."
-    out = []
-    for name, s, n in (("rows", rows, self.shape[0]), ("cols", cols, self.shape[1])):
-        if not isinstance(s, slice):
-            raise DataError(f"must be a slice, got {type(s).__name__}", field=name)
-        if s.step not in (None, 1):
-            raise DataError(f"slice step must be 1, got {s.step}", field=name)
-        lo = 0 if s.start is None else s.start
-        hi = n if s.stop is None else s.stop
-        if not (0 <= lo < hi <= n):
-            raise DataError(f"window {lo}:{hi} lies outside the section (0:{n}) or is empty", field=name)
-        out += [int(lo), int(hi)]
-    return tuple(out)
-
-
-def _pixels(self, r0, r1, c0, c1):
-    "Pixel centres (n,) of a window, row-major, and their plane coordinates."
-    r, c = np.meshgrid(np.arange(r0, r1, dtype=np.float64), np.arange(c0, c1, dtype=np.float64), indexing="ij")
-    r, c = r.ravel(), c.ravel()
-    return r, c, *self._plane(r, c)
-
-
-def _ground_truth(self, rows: slice, cols: slice) -> dict:
-    """Per-pixel truth of a window: `xyz` (h, w, 3) registered position (the affine, as `to_reference`),
-    `xyz_true` the homologous reference point (what tissue is drawn: differs by this subject's deformation),
-    `area` (h, w) int (0 outside cortex), `depth` (h, w) (NaN outside cortex), `inside` cortex and `white_matter` flags."""
-    r0, r1, c0, c1 = _window(self, rows, cols)
-    h, w = r1 - r0, c1 - c0
-    r, c, a, b = _pixels(self, r0, r1, c0, c1)
-    f, area = self._interp(a, b)
-    inside = _cortex(f)
-    xyz = self.to_reference(np.stack([r, c], 1))
-    return dict(xyz=xyz.reshape(h, w, 3), xyz_true=(xyz - self._b.deform(xyz)).reshape(h, w, 3),
-                area=np.where(inside, area, 0).reshape(h, w),
-                depth=np.where(inside, np.clip(f[:, 0], 0, 1), np.nan).reshape(h, w),
-                inside=inside.reshape(h, w), white_matter=((f[:, 2] >= 0.5) & ~inside).reshape(h, w))
-
-
-def _cortex_mask(self, level: int = 0) -> np.ndarray:
-    "Where patches may be centred: pixels (downsampled by 2**level) whose centre lies in the cortex."
-    if not isinstance(level, (int, np.integer)) or level < 0:
-        raise DataError(f"level must be an integer >= 0, got {level!r}", field="level")
-    k = 2 ** int(level)
-    nr, nc = -(-self.shape[0] // k), -(-self.shape[1] // k)
-    out = np.zeros((nr, nc), bool)
-    cc = (np.arange(nc) + 0.5) * k - 0.5
-    step = max(1, 2_000_000 // nc)
-    for i in range(0, nr, step):  # chunks of rows keep memory bounded
-        rr = (np.arange(i, min(nr, i + step)) + 0.5) * k - 0.5
-        R, C = np.meshgrid(rr, cc, indexing="ij")
-        f, _ = self._interp(*self._plane(R.ravel(), C.ravel()))
-        out[i:i + len(rr)] = _cortex(f).reshape(R.shape)
-    return out
-
-
-def _truth_at(self, rc) -> dict:
-    """`ground_truth` at points rc (n, 2) (row, col), at their nearest pixel centres, in one vectorised pass:
-    `area` (n,) (0 outside cortex), `depth` (n,) (NaN outside), `inside` (n,)."""
-    rc = np.asarray(rc, np.float64).reshape(-1, 2)
-    r = np.clip(np.rint(rc[:, 0]), 0, self.shape[0] - 1)
-    c = np.clip(np.rint(rc[:, 1]), 0, self.shape[1] - 1)
-    f, area = self._interp(*self._plane(r, c))
-    inside = _cortex(f)
-    return dict(area=np.where(inside, area, 0), depth=np.where(inside, np.clip(f[:, 0], 0, 1), np.nan), inside=inside)
-
-
-def _homologous(self, rc) -> np.ndarray:
-    """The homologous reference points (n, 3) mm of pixel positions rc (n, 2): the reference tissue drawn there, i.e.
-    the registered position minus this subject's deformation (what only a phantom knows)."""
-    xyz = self.to_reference(rc)
-    return xyz - self._b.deform(xyz)
-
-
-PhantomSection.ground_truth = _ground_truth
-PhantomSection.truth_at = _truth_at
-PhantomSection.homologous = _homologous
-PhantomSection.cortex_mask = _cortex_mask
-
-# %% ../nbs/01_phantom.ipynb #13d6dd79
-CELL_TILE_MM = 0.1  # cells are drawn per tile of the section plane, seeded by (section, tile): windows agree
-COLUMN_PERIOD_MM = 0.06  # spacing of cell columns
-_COLUMN_WAVES = np.linalg.qr(np.random.default_rng(ATLAS_SEED).normal(size=(3, 3)))[0]  # 3 orthogonal directions
-
-
-def _matvec(X, M):
-    "X (n, k) @ M.T (k -> m) written out elementwise: unlike BLAS, bit-identical for any n (window consistency)."
-    return np.stack([sum(X[:, j] * M[i, j] for j in range(X.shape[1])) for i in range(M.shape[0])], 1)
-
-
-def _poisson(u, mu):
-    "Poisson counts with means `mu` (n,) by inverting the CDF at uniforms `u` (n,): a loop over counts, not pixels."
-    mu = np.asarray(mu, np.float64)
-    top = float(mu.max(initial=0.0))
-    n = np.zeros(mu.shape, np.int64)
-    p = np.exp(-mu)
-    act = np.flatnonzero(u > p)  # pixels whose count exceeds k (k = 0)
-    uu, mm, pp, cdf = u[act], mu[act], p[act], p[act]
-    for k in range(1, int(np.ceil(top + 4 * np.sqrt(top) + 4)) + 1):  # truncated where P(tail) < 1e-4
-        if act.size == 0:
-            break
-        n[act] += 1
-        pp = pp * mm / k
-        cdf = cdf + pp
-        keep = uu > cdf
-        act, uu, mm, pp, cdf = act[keep], uu[keep], mm[keep], pp[keep], cdf[keep]
-    return n
-
-
-def _tissue_terms(self, f, area):
-    "Per-point cortex flag, tissue fraction, tabulated profile values (n, C) and neuron / glia densities (per mm^2)."
-    b = self._b
-    cortex = _cortex(f)
-    tissue = (cortex | (f[:, 2] >= 0.5)).astype(np.float64)
-    pv = b.profile_at(np.where(cortex, area, 0), f[:, 3], f[:, 0])
-    dens_n = np.where(cortex, pv[:, 0], 0.0)
-    dens_g = b.stain["glia_density"] * (tissue >= 0.5)
-    return cortex, tissue, pv, dens_n, dens_g
-
-
-def _neuropil(self, tissue, dens_n):
-    "Optical density of the tissue between cell bodies, and the brightness it sits on."
-    st = self._b.stain
-    od = st["neuropil"] * tissue * (0.6 + 0.4 * np.minimum(dens_n / 2000.0, 2.0))
-    light = st["slide"] * (1 - tissue) + st["background"] * tissue
-    return od, light
-
-
-def _pixel_hash(self, r, c, stream):
-    "64 random bits per pixel: a pure function of (section, pixel, stream)."
-    key = (r.astype(np.int64) << 32) + c.astype(np.int64)
-    with np.errstate(over="ignore"):
-        h = _mix(np.uint64(self.seed) * _G + np.uint64(stream) + key.view(np.uint64))
-        return _mix(h + _G)
-
-
-def _bits(h, shift, nbits):
-    "Uniform [0, 1) from `nbits` of hash `h` starting at bit `shift`."
-    return ((h >> np.uint64(shift)) & np.uint64((1 << nbits) - 1)).astype(np.float64) * (1.0 / (1 << nbits))
-
-
-def _noise(self, r, c, stream):
-    "Uniform noise with unit variance, a pure function of (section, pixel)."
-    return (hash_uniform(self.seed, r.astype(np.int64), c.astype(np.int64), stream) - 0.5) * np.sqrt(12.0)
-
-
-POISSON_MU_BINS, POISSON_U_BINS = 256, 1024
-
-
-def poisson_table(mu_max: float) -> np.ndarray:
-    """Poisson quantiles (POISSON_MU_BINS, POISSON_U_BINS) int16: row i is the mean `mu_max * i / (bins - 1)`,
-    column j the quantile at u = (j + 0.5) / POISSON_U_BINS. A lookup replaces a per-pixel inverse CDF."""
-    mu = np.linspace(0, mu_max, POISSON_MU_BINS)[:, None]
-    u = (np.arange(POISSON_U_BINS) + 0.5) / POISSON_U_BINS
-    return _poisson(np.broadcast_to(u, (len(mu), len(u))).ravel(), np.broadcast_to(mu, (len(mu), len(u))).ravel()
-                    ).reshape(len(mu), len(u)).astype(np.int16)
-
-
-def _plane32(self, r0, r1, c0, c1):
-    "Plane coordinates (n,) float32 of a window's pixels, by broadcasting, and an int64 key per pixel for hashing."
-    rr = np.arange(r0, r1, dtype=np.float32)[:, None]
-    cc = np.arange(c0, c1, dtype=np.float32)[None, :]
-    M, t = self.M2.astype(np.float32), self.t2.astype(np.float32)
-    a = (M[0, 0] * rr + M[0, 1] * cc + t[0]).ravel()
-    b = (M[1, 0] * rr + M[1, 1] * cc + t[1]).ravel()
-    key = ((np.arange(r0, r1, dtype=np.int64)[:, None] << 32) + np.arange(c0, c1, dtype=np.int64)[None, :]).ravel()
-    return a, b, key
-
-
-def _counts_table(self):
-    """What coarse Nissl needs per row of the profile tables (plus a white-matter row and a no-tissue row) at this
-    pixel size: (rows, 4) float32 -- the two terms of -cell_od * cover per cell (size bits * [0] + [1]), the row of
-    the Poisson table (int32 bits) and the light through the neuropil -- and the Poisson table. Cached per brain."""
-    b, st = self._b, self._b.stain
-    cache = b.__dict__.setdefault("_counts_tables", {})
-    key = float(self.mm_per_px)
-    if key not in cache:
-        while len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        px = self.mm_per_px ** 2
-        L = b.lut_counts.astype(np.float64)
-        dens, soma = np.append(L[:, 0], [0.0, 0.0]), np.append(L[:, 1], [0.0, 0.0])  # neurons: cortex rows only
-        tissue = np.append(np.ones(len(L)), [1.0, 0.0])
-        dens_g = st["glia_density"] * tissue
-        mu = (dens + dens_g) * px  # expected cells per pixel
-        mu_row = np.minimum(np.rint(mu * ((POISSON_MU_BINS - 1) / (b.max_density * px))), POISSON_MU_BINS - 1) * POISSON_U_BINS
-        cell_area = (soma + dens_g * np.pi * 0.0025 ** 2) / (mu + 1e-12)  # mean soma area per cell, in pixels
-        od = st["neuropil"] * tissue * (0.6 + 0.4 / 2000 * np.minimum(dens, 4000))
-        light = st["slide"] + (st["background"] - st["slide"]) * tissue
-        cod = st["cell_od"] * cell_area  # size = 0.6 + 0.8 * (16 random bits) / 65536
-        T = np.stack([-cod * (0.8 / 65536), -cod * 0.6, mu_row, light * np.exp(-od)], 1).astype(np.float32)
-        T.view(np.int32)[:, 2] = mu_row.astype(np.int32)
-        cache[key] = (T, poisson_table(b.max_density * px).ravel())
-    return cache[key]
-
-
-def _counts_fields(G):
-    """The four fields coarse Nissl reads, scaled for its lookups (depth * LUT_DEPTHS, inside - 0.5, white matter - 0.5,
-    gradient level), then their steps along b: (8, na, nb) float32; and area * LUT_GRADIENTS (na, nb) float32."""
-    if "nissl" not in G:
-        nG, nD = PhantomBrain.LUT_GRADIENTS, PhantomBrain.LUT_DEPTHS
-        F = G["fields"][..., :4].astype(np.float64)
-        S = np.stack([F[..., 0] * nD, F[..., 1] - 0.5, F[..., 2] - 0.5, F[..., 3] * ((nG - 1) / 4) + (nG - 1) / 2])
-        D = np.zeros_like(S)
-        D[..., :-1] = S[..., 1:] - S[..., :-1]
-        G["nissl"] = (np.concatenate([S, D]).astype(np.float32), (G["area_fill"].reshape(G["area"].shape) * nG).astype(np.float32))
-    return G["nissl"]
-
-
-def _counts_axes(self):
-    """Per row and per column of the whole section (unrotated: rows map to a, columns to b): geometry cell, weight
-    and nearest node, and the two terms of the pixel hash. Computed once, so every window reads the same values."""
-    if self._axes is None:
-        G = self.geometry
-        out = []
-        for k in (0, 1):
-            x = (np.arange(self.shape[k]) * self.M2[k, k] + (self.t2[k] - G["origin"][k])) / G["step"]
-            i = np.floor(np.clip(x, 0, G["area"].shape[k] - 2))
-            t = np.clip(x - i, 0, 1).astype(np.float32)
-            out += [i.astype(np.intp), t, (i + (t > 0.5)).astype(np.intp)]
-        with np.errstate(over="ignore"):  # key (r << 32) + c: key * G + seed = row term + column term (mod 2^64)
-            zr = (np.arange(self.shape[0], dtype=np.uint64) << np.uint64(32)) * _G + np.uint64(self.seed)
-            zc = np.arange(self.shape[1], dtype=np.uint64) * _G
-        self._axes = (*out, zr, zc)
-    return self._axes
-
-
-def _table_rows(f, area, n_rows: int, nG: int, nD: int) -> np.ndarray:
-    """Row of a per-brain rendering table for every pixel (n,) int32: in the cortex the profile row (area, gradient
-    level, depth bin), else the white-matter row (n_rows - 2) or the no-tissue row (n_rows - 1). `f`: the four scaled
-    fields of `_counts_fields` (4, n) (depth * nD, inside - 0.5, white matter - 0.5, gradient level); `area` (n,)
-    area * nG, float32. Shared by the Nissl and PLI renderers."""
-    f32, d = np.float32, f[0]
-    cortex = (f[1] >= 0) & (d >= 0) & (d <= nD)
-    row = (area + np.rint(np.clip(f[3], 0, nG - 1))) * f32(nD) + np.floor(np.minimum(d, nD - 1))  # profile row
-    return np.where(cortex, row, f32(n_rows - 1) - (f[2] >= 0)).astype(np.int32)  # else white matter or no tissue
-
-
-def _nissl_counts(self, r0, r1, c0, c1):
-    "Nissl at coarse spacing: each pixel holds a Poisson number of cell bodies, drawn as optical density (float32)."
-    b, st, f32 = self._b, self._b.stain, np.float32
-    nG, nD = b.LUT_GRADIENTS, b.LUT_DEPTHS
-    T, ptab = _counts_table(self)
-    FS, AS = _counts_fields(self.geometry)
-    if self.M2[0, 1] == 0 and self.M2[1, 0] == 0:  # not rotated: bilinear = along b per grid row, then along a
-        ia, ta, ian, ib, tb, ibn, zr, zc = _counts_axes(self)
-        ia, ta, ian, ib, tb, ibn = ia[r0:r1], ta[r0:r1, None], ian[r0:r1], ib[c0:c1], tb[c0:c1], ibn[c0:c1]
-        i0, i1 = min(ia[0], ia[-1]), max(ia[0], ia[-1]) + 2  # monotonic: the grid rows the window needs
-        X = FS[:, i0:i1, ib]  # (8, ni, w)
-        U = np.ascontiguousarray(X[:4] + tb * X[4:])  # (4, ni, w): each (grid row, column) once, whatever the window
-        ja = ia - i0
-        f = np.take(U, ja, axis=1)
-        f += ta * np.take(U[:, 1:] - U[:, :-1], ja, axis=1)  # (4, h, w)
-        j0, j1 = min(ian[0], ian[-1]), max(ian[0], ian[-1]) + 1
-        area = np.take(AS[j0:j1][:, ibn], ian - j0, axis=0).ravel()  # nearest node
-        f = f.reshape(4, -1)
-        z = (zr[r0:r1, None] + zc[None, c0:c1]).ravel()
-    else:  # rotated: bilinear lookups at each pixel's plane position
-        a, bb, key = _plane32(self, r0, r1, c0, c1)
-        g, area = self._interp(a, bb, 4)
-        f = [g[:, 0] * f32(nD), g[:, 1] - f32(0.5), g[:, 2] - f32(0.5), g[:, 3] * f32((nG - 1) / 4) + f32((nG - 1) / 2)]
-        area = area.astype(f32) * f32(nG)
-        with np.errstate(over="ignore"):
-            z = key.view(np.uint64) * _G + np.uint64(self.seed)
-    t = np.take(T, _table_rows(f, area, len(T), nG, nD), axis=0)
-    with np.errstate(over="ignore"):  # one hash per pixel, as 16-bit words (little-endian): noise, size, -, count
-        h16 = _mix(z).view(np.uint16)
-    n = np.take(ptab, t.view(np.int32)[:, 2] + (h16[3::4] >> np.uint16(6)))  # Poisson number of cells
-    v = np.maximum(n * (h16[1::4] * t[:, 0] + t[:, 1]), f32(-1.5 * st["cell_od"]))  # -cell_od * cover (<= 1.5)
-    img = t[:, 3] * np.exp(v)
-    ns = st["noise"] * np.sqrt(12.0)
-    return img + (h16[0::4] * f32(ns / 65536) + f32(-0.5 * ns))
-
-
-def _cells(self, rows: slice, cols: slice, margin_px: float = 0.0) -> dict:
-    """The cell bodies (ground truth of the point process) centred in a window (+ margin), in a canonical order:
-    `rc` (n, 2) pixel position, `kind` (0 glia, 1 granule, 2 pyramidal, 3 giant pyramidal), `diameter_um`,
-    `direction` (n, 2) unit image vector towards the pia, `layer` (-1 outside cortex), `area`, `od`, `block`."""
-    r0, r1, c0, c1 = _window(self, rows, cols)
-    b, T, st = self._b, CELL_TILE_MM, self._b.stain
-    m = margin_px
-    cr = np.array([r0 - m, r0 - m, r1 + m, r1 + m], np.float64) - 0.5
-    cc = np.array([c0 - m, c1 + m, c0 - m, c1 + m], np.float64) - 0.5
-    pa, pb = self._plane(cr, cc)
-    ia = np.arange(np.floor(pa.min() / T), np.floor(pa.max() / T) + 1).astype(np.int64)
-    ib = np.arange(np.floor(pb.min() / T), np.floor(pb.max() / T) + 1).astype(np.int64)
-    IA, IB = (x.ravel() for x in np.meshgrid(ia, ib, indexing="ij"))  # tiles, row-major: a canonical order
-    mu = b.max_density * T * T
-    cdf = np.cumsum(np.exp(np.arange(int(mu + 8 * np.sqrt(mu) + 10)) * np.log(mu) - mu
-                           - np.cumsum(np.log(np.maximum(np.arange(int(mu + 8 * np.sqrt(mu) + 10)), 1)))))
-    N = np.searchsorted(cdf, hash_uniform(self.seed, IA, IB, 0))  # candidates per tile (Poisson)
-    tile = np.repeat(np.arange(len(IA)), N)
-    k = np.arange(len(tile)) - np.repeat(np.cumsum(N) - N, N)
-    TA, TB = IA[tile], IB[tile]
-    u = lambda s: hash_uniform(self.seed, TA, TB, k, s)
-    a, bb = (TA + u(1)) * T, (TB + u(2)) * T
-    rc = _matvec(np.stack([a - self.t2[0], bb - self.t2[1]], 1), self.M2inv)  # (n, 2) pixel coordinates
-    keep = (rc[:, 0] >= r0 - m - 0.5) & (rc[:, 0] < r1 + m - 0.5) & (rc[:, 1] >= c0 - m - 0.5) & (rc[:, 1] < c1 + m - 0.5)
-    sel = np.flatnonzero(keep)
-    a, bb, rc, TA, TB, k = a[sel], bb[sel], rc[sel], TA[sel], TB[sel], k[sel]
-    f, area = self._interp(a, bb)
-    cortex, tissue, lv, dens_n, dens_g = _tissue_terms(self, f, area)
-    colvec = f[:, 4:7].astype(np.float64)  # (n, 3) white - pial, unit
-    # radial cell columns: a pattern on the mid-thickness point of each cell's column, so it is constant along it
-    thick = 2.5
-    xyz = self.p0 + a[:, None] * self.e_down + bb[:, None] * self.e_right
-    foot = xyz + ((0.5 - np.clip(f[:, 0], 0, 1)) * thick)[:, None] * colvec
-    wave = np.cos(2 * np.pi * _matvec(foot, _COLUMN_WAVES) / COLUMN_PERIOD_MM).mean(1)  # (n,) in [-1, 1]
-    lam_n = dens_n * (1 + lv[:, 3] * wave)
-    x = u(3) * b.max_density
-    neuron, glia = x < lam_n, (x >= lam_n) & (x < lam_n + dens_g)
-    pyr = u(4) < lv[:, 2]
-    giant = pyr & (u(8) < lv[:, 4])
-    kind = np.where(neuron, np.where(giant, 3, np.where(pyr, 2, 1)), 0)
-    us = u(5)
-    diam = np.where(kind == 3, GIANT_UM, np.where(kind == 0, 5.0, lv[:, 1])) * (0.75 + 0.5 * us)
-    # direction to the pia in image coordinates, with a little scatter
-    d_img = -_matvec(colvec, np.linalg.pinv(self.affine[:, :2]))  # (n, 2) rows, cols
-    ang = np.arctan2(d_img[:, 0], d_img[:, 1]) + np.deg2rad(15) * (u(6) - 0.5) * 2
-    ok = neuron | glia
-    out = dict(rc=rc[ok], kind=kind[ok], diameter_um=diam[ok],
-               direction=np.stack([np.sin(ang), np.cos(ang)], 1)[ok],
-               aspect=(0.85 + 0.3 * u(7))[ok], od=(st["cell_od"] * np.where(kind == 0, 1.2, 0.8 + 0.4 * us))[ok],
-               layer=np.where(cortex, lv[:, 5].astype(np.int64), -1)[ok], area=np.where(cortex, area, 0)[ok],
-               block=(TA // 8)[ok])
-    if margin_px == 0:  # only centres inside the window proper
-        inside = (out["rc"][:, 0] >= r0 - 0.5) & (out["rc"][:, 0] < r1 - 0.5) & (out["rc"][:, 1] >= c0 - 0.5) & (out["rc"][:, 1] < c1 - 0.5)
-        out = {key: val[inside] for key, val in out.items()}
-    return out
-
-
-def _stamp(self, cl, half, r0, c0, h, w, soft_um):
-    "Rasterise cells `cl` with (2 half + 1)^2 stamps, mass-normalised to their true area: (h*w,) optical density."
-    s_um = self.mm_per_px * 1000
-    off = np.arange(-half, half + 1)
-    dr, dc = (x.ravel() for x in np.meshgrid(off, off, indexing="ij"))
-    ci = np.rint(cl["rc"]).astype(np.int64)
-    pr, pc = ci[:, :1] + dr, ci[:, 1:] + dc  # (n, S)
-    y = ((pr - cl["rc"][:, :1]) * s_um).astype(np.float32)  # um from the cell centre
-    x = ((pc - cl["rc"][:, 1:]) * s_um).astype(np.float32)
-    ur, uc = cl["direction"][:, :1].astype(np.float32), cl["direction"][:, 1:].astype(np.float32)
-    u, v = y * ur + x * uc, -y * uc + x * ur  # along the column (towards the pia) and across
-    d = cl["diameter_um"][:, None].astype(np.float32)
-    asp = cl["aspect"][:, None].astype(np.float32)
-    ra, rb = d / 2 * asp, d / 2 / asp
-    sd_round = (np.sqrt((u / ra) ** 2 + (v / rb) ** 2) - 1) * np.minimum(ra, rb)
-    hh, hw = 1.25 * d, 0.5 * d  # pyramid: height, half base; apex towards the pia
-    L = np.sqrt(hw ** 2 + hh ** 2)
-    du = u - 2 * hh / 3
-    sd_tri = np.maximum(np.maximum((du * hw + v * hh) / L, (du * hw - v * hh) / L), -(u + hh / 3))
-    pyr = (cl["kind"] >= 2)[:, None]
-    cov = np.clip(0.5 - np.where(pyr, sd_tri, sd_round) / soft_um, 0, 1)
-    area_px = np.where(pyr[:, 0], hh[:, 0] * hw[:, 0], np.pi * ra[:, 0] * rb[:, 0]) / s_um ** 2
-    mass = cov[:, 0].copy()
-    for j in range(1, cov.shape[1]):  # sequential sum: the same bits whatever else is in the batch
-        mass += cov[:, j]
-    wgt = cov * (area_px * cl["od"] / np.maximum(mass, 1e-12))[:, None]
-    ok = (pr >= r0) & (pr < r0 + h) & (pc >= c0) & (pc < c0 + w)
-    return np.bincount(((pr - r0) * w + (pc - c0))[ok], wgt[ok], minlength=h * w)
-
-
-def _nissl_stamps(self, r0, r1, c0, c1):
-    "Nissl at fine spacing: every cell body drawn as a shape (round granule, triangular pyramid), blurred, noisy."
-    b, st = self._b, self._b.stain
-    h, w = r1 - r0, c1 - c0
-    s_um = self.mm_per_px * 1000
-    soft = max(2 * s_um, st["blur_um"])
-    half_max = int(np.ceil((GIANT_UM * 1.25 * 0.84 + soft) / s_um)) + 1  # the largest stamp: a giant pyramid
-    cl = _cells(self, slice(r0, r1), slice(c0, c1), margin_px=half_max + 1)
-    # each cell gets the smallest stamp from a fixed list that holds it (a property of the cell, not the window)
-    extent = np.where(cl["kind"] >= 2, 0.84, 0.58) * cl["diameter_um"]
-    levels = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
-    half = np.ceil((extent + soft) / s_um).astype(int) + 1
-    cl["stamp"] = levels[np.minimum(np.searchsorted(levels, half), len(levels) - 1)]
-    od = np.zeros(h * w)
-    for blk in np.unique(cl["block"]):  # blocks of tile rows: fixed in the plane, so sums agree across windows
-        inb = cl["block"] == blk
-        for lvl in np.unique(cl["stamp"][inb]):
-            m = inb & (cl["stamp"] == lvl)
-            od = od + _stamp(self, {k: v[m] for k, v in cl.items()}, int(lvl), r0, c0, h, w, soft)
-    r, c, a, bb = _pixels(self, r0, r1, c0, c1)
-    f, area = self._interp(a, bb, 4)
-    cortex, tissue, lv, dens_n, dens_g = _tissue_terms(self, f, area)
-    np_od, light = _neuropil(self, tissue, dens_n)
-    img = light * np.exp(-(np_od + od))
-    return img + st["noise"] * _noise(self, r, c, 23)
-
-
-PhantomSection.cells = _cells
-
-# %% ../nbs/01_phantom.ipynb #e5fde74b
-TEXTURE_MM = 0.025  # lattice of the fibre-density texture in the section plane
-
-
-def _lattice(self, i0, i1, j0, j1, stream):
-    """Value-noise lattice nodes [i0, i1) x [j0, j1): (i1 - i0, j1 - j0) uint16, a pure function of (section, node,
-    stream). One 64-bit hash serves four neighbouring nodes along b (its four 16-bit words): a quarter of the hashing."""
-    q0, q1 = j0 >> 2, ((j1 - 1) >> 2) + 1
-    key = (np.arange(i0, i1, dtype=np.int64)[:, None] << 32) + np.arange(q0, q1, dtype=np.int64)
-    h = _mix(key.view(np.uint64) * _G + np.uint64(self.seed + stream))  # arrays wrap silently (no overflow warning)
-    return h.view(np.uint16)[:, j0 - 4 * q0:j1 - 4 * q0]
-
-
-def _smoothstep(t):
-    return (t * t * (3 - 2 * t)).astype(np.float32)
-
-
-TEX_SCALE, TEX_OFFSET = np.float32(0.6 / 65536), np.float32(0.7)  # texture = 0.7 + 0.6 * value noise: in [0.7, 1.3)
-
-
-def _value_noise(self, a, b, cell_mm, stream):
-    """Smooth noise at plane points a, b (n,) (float64) on a lattice of `cell_mm`, a pure function of position:
-    (n,) float32 texture in [0.7, 1.3) (TEX_OFFSET + TEX_SCALE * 16-bit lattice values, smoothstep-interpolated)."""
-    fa, fb = a / cell_mm, b / cell_mm
-    ia, ib = np.floor(fa), np.floor(fb)
-    ta, tb = _smoothstep(fa - ia), _smoothstep(fb - ib)
-    ia, ib = ia.astype(np.int64), ib.astype(np.int64)
-    if ia.size == 0:
-        return np.zeros(0, np.float32)
-    a0, b0 = int(ia.min()), int(ib.min())
-    H = _lattice(self, a0, int(ia.max()) + 2, b0, int(ib.max()) + 2, stream) * TEX_SCALE + TEX_OFFSET
-    nb = H.shape[1]
-    H = H.ravel()
-    i00 = (ia - a0) * nb + (ib - b0)  # lattice values hashed once per node, then gathered
-    h = lambda di: np.take(H, i00 + di)
-    top = h(0) + ta * (h(nb) - h(0))
-    return top + tb * (h(1) + ta * (h(nb + 1) - h(1)) - top)
-
-
-def _texture_axes(self):
-    "Unrotated sections: texture lattice node and smoothstep weight of every row and of every column, computed once."
-    if self._tex_axes is None:
-        out = []
-        for k in (0, 1):
-            x = (np.arange(self.shape[k]) * self.M2[k, k] + self.t2[k]) / TEXTURE_MM  # as _plane, then / cell
-            i = np.floor(x)
-            out += [i.astype(np.int64), _smoothstep(x - i)]
-        self._tex_axes = tuple(out)
-    return self._tex_axes
-
-
-def _pli_table(b):
-    """What PLI needs per row of the profile tables (plus a white-matter row and a no-tissue row), (rows, 8) float32
-    (8 columns: whole rows gather fast): weights of the radial, tangential and white-matter fibres, times the
-    retardation gain (pi/2 * 0.9 * pli_gain), transmittance = [3] + [4] * texture, and three zeros. Cached per brain."""
-    if getattr(b, "_pli_table", None) is None:
-        st, P = b.stain, b.profiles
-        L = b.lut_pli.astype(np.float64)  # band I, band IV, radial
-        myelin = np.repeat(P["myelin"], b.LUT_GRADIENTS * b.LUT_DEPTHS)  # the area of each row
-        mu = np.concatenate([0.25 + myelin * (0.2 + 0.3 * L[:, 2] + 0.5 * L[:, 1]), [0.25 + 1.1, 0.0]])  # attenuation
-        tissue = np.append(np.ones(len(L) + 1), 0.0)
-        light = 0.95 * np.exp(-st["pli_attenuation"] * mu)
-        gain, z, n = np.pi / 2 * 0.9 * st["pli_gain"], np.zeros(2), np.zeros(len(L) + 2)
-        b._pli_table = np.stack([gain * np.concatenate([L[:, 2], z]), gain * np.concatenate([L[:, 0] + L[:, 1], z]),
-                                 gain * np.concatenate([np.zeros(len(L)), [0.75, 0.0]]),
-                                 0.9 * light, 0.2 * light * tissue, n, n, n], 1).astype(np.float32)
-    return b._pli_table
-
-
-def _pli_fields(self):
-    """What PLI reads at each node of the coarse grid, interleaved (na, nb, 8) float32: the four fields of
-    `_counts_fields` (scaled for the lookups), then the doubled-angle vectors, in the plane axes, of the radial (column)
-    and of the white-matter fibres, each (cos^2 incl cos 2phi, cos^2 incl sin 2phi). Cached per plane."""
-    G = self.geometry
-    if "pli" not in G:
-        F = G["fields"].astype(np.float64)
-        out = list(_counts_fields(G)[0][:4])
-        for d in (F[..., 4:7], F[..., 7:10]):
-            pa, pb = d @ self.e_down, d @ self.e_right
-            out += [pb * pb - pa * pa, -2 * pa * pb]
-        G["pli"] = np.stack(out, -1).astype(np.float32)
-    return G["pli"]
-
-
-def _pli_turn(self):
-    "The 2x2 map of doubled-angle vectors from plane axes to image axes (the in-plane rotation and flip), float32."
-    if getattr(self, "_turn", None) is None:
-        m0, m1 = self.M2[:, 0] / np.linalg.norm(self.M2[:, 0]), self.M2[:, 1] / np.linalg.norm(self.M2[:, 1])
-        q = lambda p: np.array([(p @ m1) ** 2 - (p @ m0) ** 2, -2 * (p @ m0) * (p @ m1)])  # in image axes
-        self._turn = np.stack([-q(np.array([1.0, 0.0])), -q(np.array([1.0, 1.0])) / 2], 1).astype(np.float32)
-    return self._turn  # columns: images of the plane-axes vectors (1, 0) and (0, 1)
-
-
-def _pli_noise(self, r0, r1, c0, c1, planes: int = 4):
-    """Zero-mean 8-bit random values per pixel as planes (planes, h, w) int8 (a view), a pure function of (section,
-    pixel, plane). One 64-bit hash per (row, block of eight columns, plane): the eight pixels of a block get its bytes."""
-    q0, q1 = c0 >> 3, ((c1 - 1) >> 3) + 1
-    zr, zc = _counts_axes(self)[6:]  # (r << 32) * G + seed and c * G
-    z = zr[r0:r1, None] + zc[q0:q1]  # (h, blocks): ((r << 32) + q) * G + seed
-    h = _mix(z + np.arange(32, 32 + planes, dtype=np.uint64)[:, None, None])  # (planes, h, blocks)
-    return h.view(np.int8)[:, :, c0 - 8 * q0:c1 - 8 * q0]
-
-
-def _pli_separable(self, r0, r1, c0, c1, texture=True):
-    """Unrotated sections: the PLI inputs of a window -- the 8 fields of `_pli_fields` (8, n), area * LUT_GRADIENTS
-    (n,) and the lattice texture (n,) (None if not `texture`) -- interpolated along b (each grid row once), then a."""
-    S = _pli_fields(self)
-    ia, ta, ian, ib, tb, ibn, zr, zc = _counts_axes(self)
-    ia, ta, ib, tb = ia[r0:r1], ta[r0:r1, None], ib[c0:c1], tb[c0:c1, None]
-    i0, i1 = min(ia[0], ia[-1]), max(ia[0], ia[-1]) + 2  # monotonic: the grid rows the window needs
-    X = S[i0:i1].take(ib, axis=1)  # (grid rows, w, 8): whole nodes gather fast
-    X1 = S[i0:i1].take(ib + 1, axis=1)
-    X1 -= X
-    X1 *= tb
-    X1 += X
-    U = np.ascontiguousarray(X1.transpose(2, 0, 1))  # (8, grid rows, w)
-    ja = ia - i0
-    f = U.take(ja, axis=1)  # along a
-    g = (U[:, 1:] - U[:, :-1]).take(ja, axis=1)
-    g *= ta
-    f += g  # (8, h, w)
-    ian, ibn = ian[r0:r1], ibn[c0:c1]
-    j0, j1 = min(ian[0], ian[-1]), max(ian[0], ian[-1]) + 1
-    area = _counts_fields(self.geometry)[1][j0:j1][:, ibn].take(ian - j0, axis=0).ravel()  # nearest node
-    if not texture:
-        return f.reshape(8, -1), area, None
-    # texture: the window's lattice nodes, interpolated along a (whole rows), then along b
-    la, sa, lb, sb = _texture_axes(self)
-    la, sa, lb, sb = la[r0:r1], sa[r0:r1, None], lb[c0:c1], sb[c0:c1]
-    i0, j0 = min(la[0], la[-1]), min(lb[0], lb[-1])
-    H = _lattice(self, i0, max(la[0], la[-1]) + 2, j0, max(lb[0], lb[-1]) + 2, 31)
-    la, lb = la - i0, lb - j0
-    H0 = H.take(la, axis=0)
-    V = np.subtract(H.take(la + 1, axis=0), H0, dtype=np.float32)
-    V *= sa
-    V += H0  # (h, lattice columns)
-    tex = V[:, lb]  # (fancy indexing gathers along the last axis faster than take)
-    t1 = V[:, lb + 1]
-    t1 -= tex
-    t1 *= sb
-    tex += t1
-    tex *= TEX_SCALE
-    tex += TEX_OFFSET
-    return f.reshape(8, -1), area, tex.ravel()
-
-
-def _pli_general(self, r0, r1, c0, c1, texture=True):
-    "Any section: the same inputs as `_pli_separable`, by bilinear lookups at each pixel's plane position."
-    a, b, _ = _plane32(self, r0, r1, c0, c1)
-    g, area = self._interp(a, b, 8, table=_pli_fields(self).reshape(-1, 8))
-    tex = _value_noise(self, *_pixels(self, r0, r1, c0, c1)[2:], TEXTURE_MM, 31) if texture else None
-    return np.ascontiguousarray(g.T), area.astype(np.float32) * np.float32(self._b.LUT_GRADIENTS), tex
-
-
-def _pli(self, r0, r1, c0, c1, separable=None):
-    """3D-PLI of a window: (3, h, w) float32 transmittance and retardation (both in [0, 1]) and direction (degrees in
-    [0, 180)). `separable` (default: when the section is not rotated) interpolates the geometry along rows, then
-    columns; otherwise by bilinear lookups per pixel."""
-    br, st, f32 = self._b, self._b.stain, np.float32
-    nD, h, w = br.LUT_DEPTHS, r1 - r0, c1 - c0
-    if separable is None:
-        separable = self.M2[0, 1] == 0 and self.M2[1, 0] == 0
-    coarse = self.mm_per_px >= TEXTURE_MM  # pixels larger than the texture lattice: per-pixel texture values
-    f, area, tex = (_pli_separable if separable else _pli_general)(self, r0, r1, c0, c1, texture=not coarse)
-    noise = _pli_noise(self, r0, r1, c0, c1, 6 if coarse else 4)  # (planes, h, w) int8
-    if coarse:  # 0.7 + 0.6 * (mean of two uniforms): the spread of point samples of the lattice texture
-        tex = np.add(noise[4], noise[5], dtype=f32).ravel()
-        tex *= f32(0.3 / 256)
-        tex += f32(1.0)
-    T = _pli_table(br)
-    t = T.take(_table_rows(f, area, len(T), br.LUT_GRADIENTS, nD), axis=0)  # (n, 8)
-    # fibre populations as doubled-angle vectors, each weighted by density * texture: radial fibres along the column
-    # (Qc), tangential ones across it in the plane (-Qc / |Qc|: the doubled angle turned by 180 degrees, inclination
-    # 0) and white-matter fibres (Qf). N is minus their sum, times the retardation gain (in the table).
-    Qc = f[4:6]
-    k = Qc[0] * Qc[0]
-    k += Qc[1] * Qc[1]
-    np.sqrt(k, out=k)
-    np.maximum(k, f32(1e-12), out=k)
-    np.divide(t[:, 1], k, out=k)
-    k -= t[:, 0]
-    k *= tex
-    N = Qc * k  # (2, n)
-    np.multiply(t[:, 2], tex, out=k)
-    N -= f[6:8] * k
-    R = _pli_turn(self)
-    if R[0, 1] != 0 or R[1, 0] != 0 or R[0, 0] != 1:  # rotated: turn the doubled angles into image axes
-        N = np.stack([R[0, 0] * N[0] + R[0, 1] * N[1], R[1, 0] * N[0] + R[1, 1] * N[1]])
-    elif R[1, 1] != 1:  # flipped
-        np.negative(N[1], out=N[1])
-    gain, u = np.pi / 2 * 0.9 * st["pli_gain"], np.sqrt(12.0) / 256  # int8 * u: unit variance
-    N = N.reshape(2, h, w)
-    N += noise[:2] * f32(0.02 * gain * u)
-    out = np.empty((3, h, w), f32)
-    np.multiply(t[:, 4], tex, out=out[0].reshape(-1))  # transmittance
-    out[0] += t[:, 3].reshape(h, w)
-    m = out[1]  # retardation: |sin(gain * min(|sum|, 1))|
-    np.multiply(N[0], N[0], out=m)
-    m += N[1] * N[1]
-    np.sqrt(m, out=m)
-    np.minimum(m, f32(gain), out=m)
-    np.sin(m, out=m)
-    if gain > np.pi:
-        np.abs(m, out=m)
-    out[:2] += noise[2:4] * f32(st["noise"] * 0.5 * u)
-    np.clip(out[:2], 0, 1, out=out[:2])
-    phi = np.arctan2(N[1], N[0])  # the direction of -sum: phi / 2 + 90 degrees is the direction, in (0, 180]
-    phi *= f32(90 / np.pi)
-    phi += f32(90)
-    np.multiply(phi, phi < 180, out=out[2])  # 180 is 0
-    return out
-
-
-READ_TILE_PX = 1 << 18  # pixels rendered at once: larger windows are rendered in strips of rows
-
-
-def _read(self, rows: slice, cols: slice) -> np.ndarray:
-    """Render a window: (channels, h, w) float32; intensities in [0, 1], PLI direction in degrees [0, 180).
-
-    A window of more than `READ_TILE_PX` pixels (a 2048 px patch at 2 um/px has 4 M) is rendered in strips of rows:
-    every pixel is a function of the section alone, so the bits are the same, while the renderer's temporaries
-    (about 200 bytes per pixel) stay bounded and small enough to be reused rather than paged in afresh."""
-    r0, r1, c0, c1 = _window(self, rows, cols)
-    h, w = r1 - r0, c1 - c0
-    step = max(1, READ_TILE_PX // w)  # rows per strip
-    if h > step:
-        out = np.empty((self.channels, h, w), np.float32)
-        for a in range(r0, r1, step):
-            b = min(a + step, r1)
-            out[:, a - r0:b - r0] = _read(self, slice(a, b), slice(c0, c1))
-        return out
-    if self.modality == "nissl":
-        if self.spacing_um < self._b.variation["stamp_below_um"]:
-            img = _nissl_stamps(self, r0, r1, c0, c1)
-        else:
-            img = _nissl_counts(self, r0, r1, c0, c1)
-        return np.clip(img, 0, 1).astype(np.float32, copy=False).reshape(1, h, w)
-    return _pli(self, r0, r1, c0, c1)
-
-
-PhantomSection.read = _read
+def displacement_summary(brain, xyz) -> dict:
+    "How far this subject's cortex is displaced at reference points `xyz` (n, 3): median and maximum length, mm."
+    d = np.linalg.norm(brain.deform(xyz), axis=1)
+    return {"median_mm": float(np.median(d)), "max_mm": float(d.max())}
 
 # %% ../nbs/01_phantom.ipynb #a92535df
 def depth_profile(values, depth, n_bins: int = 10) -> np.ndarray:
@@ -1272,6 +301,7 @@ def profile_classification(profiles, labels, folds: int = 4, seed: int = 0) -> d
 
     profiles: (n, bins), NaN for empty bins (imputed with the training folds' bin means);
     labels: (n,). Returns accuracy (mean over stratified folds), chance (the majority class's share), n."""
+    # scikit-learn here, not at the top: only this chapter's check needs it, and it takes a second to import
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -1287,3 +317,75 @@ def profile_classification(profiles, labels, folds: int = 4, seed: int = 0) -> d
     model = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=2000))
     acc = cross_val_score(model, X, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
     return {"accuracy": float(acc.mean()), "chance": float(counts.max() / counts.sum()), "n": int(len(y)), "folds": k}
+
+
+def patch_centres(brain, index: int, per_type: int, rng, spacing_um: float = 256.0) -> dict:
+    """Reference points (k, 3) per area type (index into `list(AREA_TYPES)`) at cortex pixels, at mid depth (0.25-0.75),
+    of an untilted low-resolution section `index`: up to `per_type` per type, drawn with `rng` type by type."""
+    low = brain.section(index, spacing_um=spacing_um, tilt_deg=(0, 0))
+    gt = low.ground_truth(slice(None), slice(None))
+    mid = gt["inside"] & (np.abs(np.nan_to_num(gt["depth"], nan=9) - 0.5) < 0.25)
+    t = np.where(mid, area_type_index(brain)[gt["area"]], -1)
+    out = {}
+    for k in range(len(AREA_TYPES)):
+        r, c = np.nonzero(t == k)
+        if len(r):
+            i = rng.choice(len(r), min(per_type, len(r)), replace=False)
+            out[k] = gt["xyz"][r[i], c[i]]
+    return out
+
+
+def gallery_centres(brain, planes, per_type: int, rng, spacing_um: float = 256.0) -> dict:
+    "`patch_centres` of several section indices, plane by plane: {type index: [(section index, xyz (3,)), ...]}."
+    centres = {k: [] for k in range(len(AREA_TYPES))}
+    for idx in planes:
+        for k, pts in patch_centres(brain, idx, per_type, rng, spacing_um).items():
+            centres[k] += [(idx, p) for p in pts]
+    return centres
+
+
+def patch_at(sec, xyz, size: int):
+    "The window of `size` px centred on reference point `xyz`: (image, ground truth), or None if it leaves the section."
+    r, c = np.rint(sec.from_reference(xyz[None])[0]).astype(int) - size // 2
+    if r < 0 or c < 0 or r + size > sec.shape[0] or c + size > sec.shape[1]:
+        return None
+    w = (slice(r, r + size), slice(c, c + size))
+    return sec.read(*w), sec.ground_truth(*w)
+
+
+def profile_dataset(brain, centres: dict, spacing_um: float, px: int) -> tuple:
+    """Depth profiles of the patches of `centres` ({type: [(section index, xyz)]}) at one spacing, `px` pixels across,
+    untilted: ({"nissl": Nissl intensity profiles, "pli": retardation profiles}, type labels (n,)). A centre whose
+    patch leaves the section in either modality is skipped."""
+    X, y = {"nissl": [], "pli": []}, []
+    for k, lst in centres.items():
+        for idx, p in lst:
+            got = [patch_at(brain.section(idx, spacing_um=spacing_um, tilt_deg=(0, 0), modality=m), p, px)
+                   for m in ("nissl", "pli")]
+            if got[0] is None or got[1] is None:
+                continue
+            X["nissl"].append(depth_profile(got[0][0][0], got[0][1]["depth"]))  # Nissl intensity
+            X["pli"].append(depth_profile(got[1][0][1], got[1][1]["depth"]))  # PLI retardation
+            y.append(k)
+    return X, np.array(y)
+
+
+def spacing_check(brain, centres: dict, spacings_um, fov_mm: float, folds: int = 4, seed: int = 0) -> list:
+    """Does a coarser spacing lose what depth profiles see? For each spacing, the patches of `centres` with one field
+    of view `fov_mm`, reduced to depth profiles and classified by area type (`profile_classification`; classes with
+    fewer than two profiles left out). One row per (spacing, modality): spacing_um, patch_px, modality, accuracy,
+    chance, n, folds."""
+    rows = []
+    for sp in spacings_um:
+        px = int(round(fov_mm * 1000 / sp))
+        X, y = profile_dataset(brain, centres, sp, px)
+        keep = np.isin(y, [k for k in set(y.tolist()) if (y == k).sum() >= 2])  # a class needs two profiles to be tested
+        for m, v in X.items():
+            rows.append({"spacing_um": sp, "patch_px": px, "modality": m,
+                         **profile_classification(np.array(v)[keep], y[keep], folds, seed)})
+    return rows
+
+
+def accuracy_difference_se(a: dict, b: dict) -> float:
+    "Standard error of the difference of two accuracies (rows with `accuracy` and `n`), as independent binomials."
+    return float(np.sqrt(sum(r["accuracy"] * (1 - r["accuracy"]) / r["n"] for r in (a, b))))

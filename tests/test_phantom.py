@@ -1,12 +1,11 @@
-"Phantom brains: determinism, window consistency, geometry, cytoarchitecture, fibre architecture, bad input."
+"Phantom brains: subjects, area types and laminar profiles, what the chapter measures (depth profiles, classification), bad input."
 import numpy as np
 import pytest
-from scipy import stats
 
-from cytoclr.phantom import (AREA_TYPES, POISSON_MU_BINS, POISSON_U_BINS, PhantomBrain, _pli, _poisson, area_base_name,
-                             area_type_index, area_type_of, depth_profile, hash_uniform, laminar_profile, poisson_table,
-                             profile_classification)
 from cytoclr.core import DataError
+from cytoclr.phantom import (AREA_TYPES, PhantomBrain, accuracy_difference_se, area_type_index, area_type_of,
+                             depth_profile, displacement_summary, gallery_centres, laminar_profile, patch_at,
+                             patch_centres, profile_classification, profile_dataset, spacing_check)
 
 
 @pytest.fixture(scope="module")
@@ -21,34 +20,6 @@ def _cortex_centre(sec, rng, level=4):
     return int(r[i] * 2 ** level), int(c[i] * 2 ** level)
 
 
-# -- counter-based randomness -------------------------------------------------------------------------------------
-def test_hash_uniform_is_deterministic_and_uniform():
-    u = hash_uniform(3, np.arange(50_000), 7)
-    assert np.array_equal(u, hash_uniform(3, np.arange(50_000), 7))
-    assert not np.array_equal(u, hash_uniform(4, np.arange(50_000), 7))
-    assert u.min() >= 0 and u.max() < 1
-    assert stats.kstest(u, "uniform").pvalue > 1e-3
-    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.02  # neighbouring keys are independent
-
-
-def test_poisson_sampler_matches_scipy(rng):
-    u = rng.uniform(size=20_000)
-    mu = rng.uniform(0, 8, size=20_000)
-    ours = _poisson(u, mu)
-    ref = stats.poisson.ppf(u, mu)  # the independent inverse CDF
-    assert (ours == ref).mean() > 0.999  # equal but for float ties at the CDF steps and the far tail
-
-
-def test_poisson_table_matches_scipy():
-    table = poisson_table(9.0)
-    mu = np.linspace(0, 9.0, POISSON_MU_BINS)[:, None]
-    u = (np.arange(POISSON_U_BINS) + 0.5) / POISSON_U_BINS
-    assert table.shape == (POISSON_MU_BINS, POISSON_U_BINS)
-    assert (table == stats.poisson.ppf(u, mu)).mean() > 0.999
-    assert np.allclose(table.mean(1), mu[:, 0], atol=0.02)  # the lookup keeps the mean count
-
-
-# -- subjects ----------------------------------------------------------------------------------------------------
 def test_same_seed_same_bytes_different_seed_different_brain(ref, rng):
     a, b, c = PhantomBrain(5, ref=ref), PhantomBrain(5, ref=ref), PhantomBrain(6, ref=ref)
     for mod in ("nissl", "pli"):
@@ -70,153 +41,6 @@ def test_deformation_rms_is_the_parameter(ref):
         rms = np.sqrt((d ** 2).sum(1).mean())
         assert 0.5 * mm < rms < 1.6 * mm
     assert np.abs(PhantomBrain(2, ref=ref, deform_mm=0.0).deform(x)).max() == 0
-
-
-# -- sections ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spacing,modality,rotation,flip", [(32.0, "nissl", 0.0, False), (4.0, "nissl", 25.0, True),
-                                                            (2.0, "nissl", 0.0, False), (16.0, "pli", -40.0, True),
-                                                            (32.0, "pli", 0.0, False), (8.0, "pli", 0.0, True)])
-def test_window_consistency(brain, rng, spacing, modality, rotation, flip):
-    sec = brain.section(0, spacing_um=spacing, modality=modality, rotation_deg=rotation, flip=flip)
-    r, c = _cortex_centre(sec, rng)
-    big = sec.read(slice(r - 120, r + 130), slice(c - 110, c + 100))
-    for dr, dc, h, w in ((0, 0, 250, 210), (13, 57, 64, 64), (200, 3, 50, 1), (121, 99, 1, 1)):
-        small = sec.read(slice(r - 120 + dr, r - 120 + dr + h), slice(c - 110 + dc, c - 110 + dc + w))
-        assert np.array_equal(big[:, dr:dr + h, dc:dc + w], small), (dr, dc)
-
-
-def test_read_values_and_channels(brain, rng):
-    n = brain.section(0, spacing_um=32)
-    p = brain.section(0, spacing_um=32, modality="pli")
-    assert n.channels == 1 and p.channels == 3 and p.channel_names == ("transmittance", "retardation", "direction")
-    r, c = _cortex_centre(n, rng)
-    w = (slice(r - 64, r + 64), slice(c - 64, c + 64))
-    x, y = n.read(*w), p.read(*w)
-    assert x.shape == (1, 128, 128) and y.shape == (3, 128, 128) and x.dtype == y.dtype == np.float32
-    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.02
-    assert 0 <= y[:2].min() and y[:2].max() <= 1
-    assert 0 <= y[2].min() and y[2].max() < 180 and y[2].std() > 1
-    assert (n.brain, n.section, n.source, n.modality) == ("phantom-1", 0, "phantom", "nissl")
-
-
-def test_affine_round_trip_and_scale(brain, rng):
-    for rot, flip, shrink in ((0.0, False, 1.0), (33.0, True, 0.9)):
-        sec = brain.section(4, spacing_um=20, rotation_deg=rot, flip=flip, shrinkage=shrink, tilt_deg=(2.0, -1.0))
-        rc = rng.uniform(0, 1000, (50, 2))
-        xyz = sec.to_reference(rc)
-        assert np.allclose(sec.from_reference(xyz), rc)
-        assert np.allclose(xyz, rc @ sec.affine[:, :2].T + sec.affine[:, 2])
-        scale = np.linalg.norm(sec.affine[:, :2], axis=0)
-        assert np.allclose(scale, 0.020 / (shrink * brain.shrinkage))
-        assert abs(sec.affine[:, 0] @ sec.affine[:, 1]) < 1e-12  # image axes stay orthogonal
-        gt = sec.ground_truth(slice(100, 103), slice(200, 204))
-        rr, cc = np.meshgrid(np.arange(100, 103), np.arange(200, 204), indexing="ij")
-        assert np.allclose(gt["xyz"], sec.to_reference(np.stack([rr.ravel(), cc.ravel()], 1)).reshape(3, 4, 3))
-
-
-@pytest.mark.parametrize("spacing,flip", [(32.0, False), (32.0, True), (16.0, False)])  # 16: lattice texture
-def test_pli_row_then_column_path_equals_per_pixel_lookups(brain, rng, spacing, flip):
-    "On unrotated sections PLI interpolates along rows, then columns: the same image as bilinear lookups per pixel."
-    sec = brain.section(0, spacing_um=spacing, modality="pli", flip=flip)
-    r, c = _cortex_centre(sec, rng)
-    fast = _pli(sec, r - 100, r + 100, c - 90, c + 110)
-    slow = _pli(sec, r - 100, r + 100, c - 90, c + 110, separable=False)
-    assert fast.shape == slow.shape == (3, 200, 200)
-    for ch in (0, 1):  # float32 rounding may move a pixel into the next depth bin: compare all but a few
-        assert np.mean(np.abs(fast[ch] - slow[ch]) > 1e-4) < 0.01, ch
-    d = np.abs(fast[2] - slow[2])
-    d = np.minimum(d, 180 - d)[fast[1] > 0.1]
-    assert d.size > 5000 and np.mean(d > 0.1) < 0.01
-
-
-def test_pli_direction_turns_with_the_image(brain, rng):
-    "The same tissue shows the same fibre axis in 3D whatever the in-plane rotation and flip of the image."
-    a = brain.section(0, spacing_um=250, tilt_deg=(0, 0), modality="pli")
-    b = brain.section(0, spacing_um=250, tilt_deg=(0, 0), modality="pli", rotation_deg=70, flip=True)
-    pa, pb = a.read(slice(None), slice(None)), b.read(slice(None), slice(None))
-    r, c = np.nonzero(pa[1] > 0.4)
-    i = rng.choice(len(r), 500, replace=False)
-    rc_b = np.rint(b.from_reference(a.to_reference(np.stack([r[i], c[i]], 1)))).astype(int)
-    ok = (rc_b >= 0).all(1) & (rc_b < b.shape).all(1)
-    r, c, rc_b = r[i][ok], c[i][ok], rc_b[ok]
-    unit = lambda s, k: s.affine[:, k] / np.linalg.norm(s.affine[:, k])  # image axes in 3D
-    phi = np.deg2rad(pa[2, r, c])
-    v = np.cos(phi)[:, None] * unit(a, 1) - np.sin(phi)[:, None] * unit(a, 0)  # counter-clockwise from columns
-    want = np.rad2deg(np.arctan2(-(v @ unit(b, 0)), v @ unit(b, 1))) % 180
-    d = np.abs(pb[2, rc_b[:, 0], rc_b[:, 1]] - want)
-    d = np.minimum(d, 180 - d)
-    assert ok.sum() > 400 and np.median(d) < 5, np.median(d)
-
-
-def test_rotation_and_flip_show_the_same_tissue(brain, rng):
-    "The same reference point has the same ground truth whatever the in-plane transform."
-    a = brain.section(0, spacing_um=250, tilt_deg=(0, 0))
-    b = brain.section(0, spacing_um=250, tilt_deg=(0, 0), rotation_deg=70, flip=True)
-    ga = a.ground_truth(slice(None), slice(None))
-    r, c = np.nonzero(ga["inside"])
-    i = rng.choice(len(r), 300, replace=False)
-    rc_b = np.rint(b.from_reference(ga["xyz"][r[i], c[i]])).astype(int)
-    ok = (rc_b >= 0).all(1) & (rc_b < b.shape).all(1)
-    gb = b.ground_truth(slice(None), slice(None))
-    same = gb["area"][rc_b[ok, 0], rc_b[ok, 1]] == ga["area"][r[i], c[i]][ok]
-    assert ok.mean() > 0.95 and same.mean() > 0.9
-
-
-def test_ground_truth_agrees_with_direct_location(brain, ref, rng):
-    "Interpolated coarse geometry vs locating each pixel's homologous reference point directly."
-    sec = brain.section(0, spacing_um=200)
-    gt = sec.ground_truth(slice(None), slice(None))
-    r, c = np.nonzero(gt["inside"])
-    i = rng.choice(len(r), 2000, replace=False)
-    loc = ref.locate(gt["xyz_true"][r[i], c[i]])
-    assert (loc.area == gt["area"][r[i], c[i]]).mean() > 0.9
-    assert loc.inside.mean() > 0.9
-    assert np.median(np.abs(loc.depth - gt["depth"][r[i], c[i]])) < 0.08
-    assert np.isfinite(gt["depth"][gt["inside"]]).all() and np.isnan(gt["depth"][~gt["inside"]]).all()
-    assert (gt["area"][gt["inside"]] > 0).all() and (gt["area"][~gt["inside"]] == 0).all()
-    # registered coordinates carry this subject's deformation as error
-    err = np.linalg.norm(gt["xyz"] - gt["xyz_true"], axis=-1)
-    assert 0.5 < np.median(err) < 10
-
-
-def test_cortex_mask_matches_ground_truth(brain):
-    sec = brain.section(2, spacing_um=150)
-    gt = sec.ground_truth(slice(None), slice(None))
-    assert np.array_equal(sec.cortex_mask(0), gt["inside"])
-    m2 = sec.cortex_mask(2)
-    assert m2.shape == (-(-sec.shape[0] // 4), -(-sec.shape[1] // 4))
-    assert 0.05 < m2.mean() < 0.5 and abs(m2.mean() - gt["inside"].mean()) < 0.05
-
-
-# -- cytoarchitecture --------------------------------------------------------------------------------------------
-def test_cell_density_follows_the_profile(brain, rng):
-    "Cells drawn in a window vs the profile's density integrated over it (exact layer formula, not the table)."
-    sec = brain.section(0, spacing_um=8, tilt_deg=(0, 0))
-    for _ in range(3):
-        r, c = _cortex_centre(sec, rng)
-        w = (slice(r - 150, r + 150), slice(c - 150, c + 150))
-        cells = sec.cells(*w)
-        rr, cc = np.meshgrid(np.arange(r - 150, r + 150), np.arange(c - 150, c + 150), indexing="ij")
-        f, area = sec._interp(*sec._plane(rr.ravel().astype(float), cc.ravel().astype(float)))
-        gt = sec.ground_truth(*w)
-        inside = gt["inside"].ravel()
-        lv = brain.layer_values(np.where(inside, area, 0), f[:, 3], np.clip(f[:, 0], 0, 1))
-        expected = (lv["density"] * inside).sum() * sec.mm_per_px ** 2
-        observed = (cells["kind"] > 0).sum()
-        assert expected > 300
-        assert abs(observed - expected) < 0.1 * expected, (observed, expected)
-        assert (cells["layer"][cells["kind"] > 0] >= 0).all()
-
-
-def test_pyramids_point_to_the_pia_and_giants_live_in_agranular_layer_v(brain, rng):
-    sec = brain.section(0, spacing_um=4, tilt_deg=(0, 0))
-    r, c = _cortex_centre(sec, rng)
-    cl = sec.cells(slice(r - 200, r + 200), slice(c - 200, c + 200))
-    assert np.allclose(np.linalg.norm(cl["direction"], axis=1), 1)
-    giant = cl["kind"] == 3
-    assert (cl["layer"][giant] == 4).all()
-    types = np.array(brain.area_types)[cl["area"][giant]]
-    assert (types == "agranular").all()
 
 
 def _type_patches(brain, planes, per_type, rng, size=64, spacing=32.0):
@@ -267,28 +91,6 @@ def test_profile_classification_scores_separable_noise_and_bad_input(rng):
         profile_classification(X, y[:10])
 
 
-def test_v1_retardation_shows_the_stria_of_gennari(brain, ref):
-    V1 = [i for i, n in enumerate(ref.area_names) if area_base_name(n) == "V1"]
-    sec = brain.section(-150, spacing_um=32, tilt_deg=(0, 0), modality="pli")
-    low = brain.section(-150, spacing_um=256, tilt_deg=(0, 0)).ground_truth(slice(None), slice(None))
-    r, c = np.nonzero(np.isin(low["area"], V1))
-    rc = np.rint(sec.from_reference(low["xyz"][r[len(r) // 2], c[len(c) // 2]][None])[0]).astype(int)
-    w = (slice(rc[0] - 150, rc[0] + 150), slice(rc[1] - 150, rc[1] + 150))
-    img, gt = sec.read(*w), sec.ground_truth(*w)
-    in_v1 = np.isin(gt["area"], V1)
-    assert in_v1.sum() > 2000
-    prof = depth_profile(np.where(in_v1, img[1], np.nan), gt["depth"], 10)
-    peak = int(np.nanargmax(prof[2:8])) + 2
-    iv = brain.layer_values(np.array([V1[0]]), np.zeros(1), np.array([0.5]))["bounds"][0, 2:4]
-    assert iv[0] - 0.1 <= (peak + 0.5) / 10 <= iv[1] + 0.1  # the band sits at layer IV
-    assert prof[peak] > 1.5 * prof[1] and prof[peak] > 1.5 * prof[8]
-    other = np.isin(gt["area"], [i for i, t in enumerate(brain.area_types) if t == "granular"])
-    if other.sum() > 500:  # the band is weaker in granular neighbours
-        po = depth_profile(np.where(other, img[1], np.nan), gt["depth"], 10)
-        assert prof[peak] > po[peak] + 0.1
-
-
-# -- area types and bad input -------------------------------------------------------------------------------------
 def test_area_types_from_names():
     assert area_type_of("L_V1_ROI") == "koniocortex" and area_type_of("R_3b_ROI") == "koniocortex"
     assert area_type_of("L_4_ROI") == "agranular" and area_type_of("L_EC_ROI") == "limbic"
@@ -329,40 +131,97 @@ def test_bad_parameters_name_the_parameter(brain, ref):
         PhantomBrain(-1, ref=ref)
 
 
-# -- plane geometry kept on disk across processes -----------------------------------------------------------------
-def test_plane_geometry_from_the_disk_cache_is_the_computed_one(ref, tmp_path, monkeypatch):
-    from cytoclr import phantom as P
-    monkeypatch.setenv("CYTOCLR_CACHE", str(tmp_path))
-    monkeypatch.delenv(P.GEOMETRY_CACHE_ENV, raising=False)
-    sec = PhantomBrain(2, ref=ref).section(4, spacing_um=64)
-    g = sec.geometry  # computed and written
-    files = list((tmp_path / "phantom_geometry").glob("*.npz"))
-    assert len(files) == 1
-    fresh = PhantomBrain(2, ref=ref).section(4, spacing_um=64, modality="pli")  # another brain object, same plane
-    monkeypatch.setattr(P.PhantomSection, "_compute_geometry", lambda self: pytest.fail("computed instead of read"))
-    h = fresh.geometry
-    assert set(h) == set(g) and h["step"] == g["step"]
-    for k in g:
-        if k != "step":
-            assert h[k].dtype == g[k].dtype and np.array_equal(h[k], g[k]), k
-    assert np.shares_memory(h["fields"], h["flat"])
-    w = (slice(200, 264), slice(300, 364))
-    assert np.array_equal(fresh.read(*w), PhantomBrain(2, ref=ref).section(4, spacing_um=64, modality="pli").read(*w))
+# -- what chapter 1 measures: each number from a function, checked on a small case ---------------------------------
+def test_depth_profile_by_hand():
+    v = np.array([1.0, 2.0, 3.0, 4.0, 9.0])
+    d = np.array([0.05, 0.07, 0.95, np.nan, 1.0])  # NaN depth: outside cortex; depth 1 falls in the last bin
+    assert np.array_equal(depth_profile(v, d, 2), [1.5, 6.0])
+    assert np.isnan(depth_profile(v[:2], d[:2], 4)[1:]).all()
 
 
-def test_plane_geometry_cache_keys_and_damage(ref, tmp_path, monkeypatch):
-    from cytoclr import phantom as P
-    monkeypatch.setenv("CYTOCLR_CACHE", str(tmp_path))
-    monkeypatch.delenv(P.GEOMETRY_CACHE_ENV, raising=False)
-    a, b, c = PhantomBrain(2, ref=ref), PhantomBrain(3, ref=ref), PhantomBrain(2, ref=ref, deform_mm=1.0)
-    key = ("coronal", -10.0, 0.0, (0.0, 1.0, 2.0, 3.0))
-    paths = {P.geometry_cache_path(x, key) for x in (a, b, c)} | {P.geometry_cache_path(a, key[:1] + (-12.0,) + key[2:])}
-    assert len(paths) == 4  # subject, variation and plane each change the file
-    sec = a.section(5, spacing_um=64)
-    want = sec.geometry
-    (path,) = (tmp_path / "phantom_geometry").glob("*.npz")
-    path.write_bytes(b"not a zip file")  # a damaged file is computed again and replaced
-    again = PhantomBrain(2, ref=ref).section(5, spacing_um=64).geometry
-    assert np.array_equal(again["flat"], want["flat"]) and np.load(path)["flat"].shape == want["flat"].shape
-    monkeypatch.setenv(P.GEOMETRY_CACHE_ENV, "0")
-    assert P.geometry_cache_path(a, key) is None
+def test_accuracy_difference_se_by_hand():
+    se = accuracy_difference_se({"accuracy": 0.5, "n": 100}, {"accuracy": 0.8, "n": 50})
+    assert se == pytest.approx(np.sqrt(0.5 * 0.5 / 100 + 0.8 * 0.2 / 50), rel=1e-12)
+    assert accuracy_difference_se({"accuracy": 1.0, "n": 10}, {"accuracy": 0.0, "n": 3}) == 0.0
+
+
+def test_displacement_summary(ref):
+    x = ref.mid["L"][::400]
+    b = PhantomBrain(2, ref=ref)
+    d = np.sqrt((b.deform(x) ** 2).sum(1))
+    s = displacement_summary(b, x)
+    assert s == {"median_mm": pytest.approx(np.median(d), rel=1e-12), "max_mm": pytest.approx(d.max(), rel=1e-12)}
+    assert displacement_summary(PhantomBrain(2, ref=ref, deform_mm=0.0), x) == {"median_mm": 0.0, "max_mm": 0.0}
+
+
+def test_patch_centres_lie_at_mid_depth_in_their_area_type(brain):
+    types = area_type_index(brain)
+    got = patch_centres(brain, -20, 3, np.random.default_rng(0))
+    again = patch_centres(brain, -20, 3, np.random.default_rng(0))
+    assert len(got) >= 3 and all(np.array_equal(got[k], again[k]) for k in got)
+    low = brain.section(-20, spacing_um=256.0, tilt_deg=(0, 0))
+    for k, pts in got.items():
+        assert 1 <= len(pts) <= 3
+        t = low.truth_at(low.from_reference(pts))
+        assert t["inside"].all() and (types[t["area"]] == k).all()
+        assert (np.abs(t["depth"] - 0.5) < 0.25 + 1e-6).all()
+    centres = gallery_centres(brain, [-20, 40], 3, np.random.default_rng(0))
+    assert set(centres) == set(range(len(AREA_TYPES)))
+    for k in got:  # plane by plane with one generator: the first plane's draws are patch_centres' own
+        first = centres[k][:len(got[k])]
+        assert all(idx == -20 for idx, _ in first) and np.array_equal(np.array([p for _, p in first]), got[k])
+
+
+def test_patch_at_is_the_centred_window(brain):
+    sec = brain.section(0, spacing_um=64.0, tilt_deg=(0, 0))
+    xyz = sec.to_reference(np.array([[100.0, 150.0]]))[0]
+    img, gt = patch_at(sec, xyz, 16)
+    assert np.array_equal(img, sec.read(slice(92, 108), slice(142, 158)))
+    assert np.array_equal(gt["area"], sec.ground_truth(slice(92, 108), slice(142, 158))["area"])
+    assert patch_at(sec, sec.to_reference(np.array([[3.0, 150.0]]))[0], 16) is None  # leaves the section
+
+
+def _slow_profile(values, depth, n_bins=10):
+    "depth_profile by a loop over pixels (the reference)."
+    s, n = np.zeros(n_bins), np.zeros(n_bins)
+    for v, d in zip(np.ravel(values), np.ravel(depth)):
+        if np.isfinite(d) and np.isfinite(v):
+            k = min(max(int(d * n_bins), 0), n_bins - 1)
+            s[k] += v
+            n[k] += 1
+    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+
+
+def test_profile_dataset_and_spacing_check_against_a_slow_reference(brain):
+    centres = gallery_centres(brain, [-20, 40], 3, np.random.default_rng(1))
+    X, y = profile_dataset(brain, centres, 64.0, 32)
+    want_X, want_y = {"nissl": [], "pli": []}, []
+    for k, lst in centres.items():
+        for idx, p in lst:
+            secs = [brain.section(idx, spacing_um=64.0, tilt_deg=(0, 0), modality=m) for m in ("nissl", "pli")]
+            r, c = np.rint(secs[0].from_reference(p[None])[0]).astype(int) - 16
+            if r < 0 or c < 0 or r + 32 > secs[0].shape[0] or c + 32 > secs[0].shape[1]:
+                continue
+            w = (slice(r, r + 32), slice(c, c + 32))
+            depth = secs[0].ground_truth(*w)["depth"]
+            want_X["nissl"].append(_slow_profile(secs[0].read(*w)[0], depth))
+            want_X["pli"].append(_slow_profile(secs[1].read(*w)[1], depth))
+            want_y.append(k)
+    assert np.array_equal(y, want_y) and len(y) >= 6
+    for m in ("nissl", "pli"):
+        assert np.allclose(X[m], want_X[m], rtol=1e-12, atol=0, equal_nan=True)
+    rows = spacing_check(brain, centres, (64.0, 128.0), 2.048)
+    assert [(r["spacing_um"], r["patch_px"], r["modality"]) for r in rows] == [
+        (64.0, 32, "nissl"), (64.0, 32, "pli"), (128.0, 16, "nissl"), (128.0, 16, "pli")]
+    keep = np.isin(y, [k for k in set(y.tolist()) if (y == k).sum() >= 2])
+    for r, m in zip(rows[:2], ("nissl", "pli")):  # the classifier's numbers on the same profiles
+        want = profile_classification(np.array(want_X[m])[keep], np.array(want_y)[keep])
+        assert {k: r[k] for k in want} == want
+
+
+def test_phantom_code_names_every_module_of_the_generator():
+    import inspect
+
+    from cytoclr.phantom import PHANTOM_CODE, PhantomSection
+    mods = {PhantomBrain.__module__} | {k.__module__ for k in inspect.getmro(PhantomSection) if k is not object}
+    assert mods == set(PHANTOM_CODE)
