@@ -17,7 +17,7 @@ import yaml
 from .core import DataError, atomic_path, check_number, path_fingerprint, source_fingerprint, write_json_atomic
 from .core import progress as _progress  # tqdm, its line mirrored to the runner's status
 from .manifest import DATA, Manifest, load_manifest, manifest_counts
-from .phantom import PhantomBrain
+from .phantom import PHANTOM_CODE, PhantomBrain
 from .reference import load_reference
 from .sections import MODALITIES, mask_shape
 
@@ -196,7 +196,8 @@ def _export_state(out: Path, params: dict, brain_factory) -> dict:
     if state.get("params") != params:
         raise DataError(f"holds an export with other parameters {state.get('params')}; use another --out or delete it",
                         file=out, field="--out")
-    generator = source_fingerprint(inspect.getmodule(brain_factory))  # other phantom code: stale sections
+    module = inspect.getmodule(brain_factory)  # other phantom code: stale sections
+    generator = source_fingerprint(*(PHANTOM_CODE if module.__name__ == "cytoclr.phantom" else (module,)))
     if state.get("generator") != generator:  # the phantom's code changed: what is on disk is stale
         state["generator"], state["done"] = generator, {}
     for t in sorted(out.rglob(".tmp-*")):  # leftovers of a killed export
