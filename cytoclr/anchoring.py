@@ -300,7 +300,7 @@ def image_features(patches, modality: str = "nissl", bins: int = 16) -> np.ndarr
 def anchors_view(ref, true_xyz, anchor_xyz, errors=None, max_points: int = 300, title: str = ""):
     """An interactive 3D view (nilearn, offline) of test patches' true positions (black) and their anchors, joined by
     lines coloured by the error; at most `max_points` pairs (the first ones)."""
-    from nilearn import plotting
+    from nilearn import plotting  # heavy (and optional): only for this view
     t, a = np.asarray(true_xyz)[:max_points], np.asarray(anchor_xyz)[:max_points]
     n = len(t)
     err = np.linalg.norm(t - a, axis=1) if errors is None else np.asarray(errors)[:max_points]
