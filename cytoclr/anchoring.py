@@ -15,8 +15,9 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .core import DataError, atomic_path, cosine_topk, read_json, write_json_atomic
+from .geodesic import geodesic_weights
 
-_all_ = ["cosine_topk"]  # the library's one exact top-k (chapter 00), re-exported: DESIGN.md's anchoring.cosine_topk
+_all_ = ["cosine_topk"]  # the library's one exact top-k (chapter 00), re-exported as anchoring.cosine_topk
 
 # %% auto #0
 __all__ = ['OUTLIER_MM', 'HEADLINE', 'LOWER_IS_BETTER', 'section_plane', 'plane_distance', 'Frame', 'homologous_points',
@@ -202,7 +203,7 @@ def rank_of(indices, target) -> np.ndarray:
 
 
 def topk_accuracy(indices, nearest, ks=(1, 5, 10)) -> np.ndarray:
-    """Top-k accuracy (DESIGN.md section 2): the share of queries whose geometrically closest frame patch `nearest`
+    """Top-k accuracy: the share of queries whose geometrically closest frame patch `nearest`
     (q,) is among their k most similar, `indices` (q, kmax) best first; one value per k in `ks`."""
     r = rank_of(indices, nearest)
     return np.array([float(np.mean(r < k)) for k in ks])
@@ -226,7 +227,7 @@ def _stats(err, rank, w, outlier_mm) -> dict:
 
 def anchoring_scores(errors, ranks, groups, outlier_mm: float = OUTLIER_MM, kmax: int = 50, n_boot: int = 1000,
                      seed: int = 0) -> dict:
-    """SCORES of DESIGN.md section 4 for test patches: errors (q,) mm of the most similar frame patch, ranks (q,) of
+    """SCORES (the headline scores `HEADLINE`, with `n`, `sections`, `topk_curve` and `ci95`) of test patches: errors (q,) mm of the most similar frame patch, ranks (q,) of
     the geometrically closest frame patch among the most similar (kmax if absent), groups (q,) their test sections.
     Adds `n`, `sections` and `topk_curve` (k = 1..kmax); `ci95` bootstraps the headline scores over sections."""
     err, rank, g = np.asarray(errors, np.float64), np.asarray(ranks), np.asarray(groups)
@@ -299,7 +300,7 @@ def image_features(patches, modality: str = "nissl", bins: int = 16) -> np.ndarr
 def anchors_view(ref, true_xyz, anchor_xyz, errors=None, max_points: int = 300, title: str = ""):
     """An interactive 3D view (nilearn, offline) of test patches' true positions (black) and their anchors, joined by
     lines coloured by the error; at most `max_points` pairs (the first ones)."""
-    from nilearn import plotting
+    from nilearn import plotting  # heavy (and optional): only for this view
     t, a = np.asarray(true_xyz)[:max_points], np.asarray(anchor_xyz)[:max_points]
     n = len(t)
     err = np.linalg.norm(t - a, axis=1) if errors is None else np.asarray(errors)[:max_points]
@@ -474,7 +475,6 @@ def weight_disagreement(distances, xyz, sigma_mm: float, kind: str = "gaussian",
     of the straight-line weight on pairs at least `shortcut_ratio` times farther along the surface than through
     space (the banks of a sulcus); `geo_over_line_mass`: sum W_geo / sum W_line; `pairs`: pairs with a straight-line
     weight above 1e-3. `distances` is chapter 4's `SurfaceDistances` (both metrics on the same surface points)."""
-    from cytoclr.geodesic import geodesic_weights
     xyz = np.asarray(xyz, np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) < 2:
         raise DataError(f"xyz must be (n >= 2, 3) positions in mm, got {xyz.shape}", field="xyz")

@@ -8,13 +8,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from .core import DataError, cosine_topk
+from .core import MetricKeys as K
+from .phantom import area_base_name
+from .training import METHODS, checkpoint_path, load_checkpoint, load_encoder, spread
+
+ATLAS, CHANCE = K.MAPPING_BASELINES  # the baselines of `mapping`: the atlas at the registered position, chance
+MAPPING_KNN, MAPPING_DATA = "mapping_knn", "mapping_data"  # metrics.json sections of this chapter that MetricKeys lacks
 
 # %% auto #0
-__all__ = ['check_train_test', 'check_test_labels', 'linear_probe', 'select_c', 'knn_predict', 'classification_scores',
-           'chance_scores', 'evaluate_mapping', 'bootstrap_scores', 'atlas_scores', 'load_frozen_encoder']
+__all__ = ['ATLAS', 'CHANCE', 'MAPPING_KNN', 'MAPPING_DATA', 'check_train_test', 'check_test_labels', 'linear_probe', 'select_c',
+           'knn_predict', 'classification_scores', 'chance_scores', 'evaluate_mapping', 'bootstrap_scores',
+           'atlas_scores', 'load_frozen_encoder', 'mapping_sets', 'area_labels', 'frequent_classes', 'label_summary',
+           'mapping_scores', 'mapping_metrics', 'mapping_table', 'atlas_gaps']
 
 # %% ../nbs/08_mapping.ipynb #fd4a7e1e
 def _features(x, name: str) -> np.ndarray:
@@ -70,10 +85,6 @@ def linear_probe(x_train, y_train, x_test, C: float = 1.0, max_iter: int = 2000,
     The probe is `StandardScaler` + multinomial `LogisticRegression(C)`; returns (predictions, fitted pipeline).
     `blas_threads`: BLAS threads during fit and predict (None: the library's default). Probes of a few
     thousand samples are fastest single-threaded; threaded BLAS on a busy 2-core machine was 50x slower."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
 
     xa, ya, xq = check_train_test(x_train, y_train, x_test, min_classes=2)
     if not (isinstance(C, (int, float)) and np.isfinite(C) and C > 0):
@@ -87,11 +98,6 @@ def linear_probe(x_train, y_train, x_test, C: float = 1.0, max_iter: int = 2000,
 def select_c(x_train, y_train, grid=(0.01, 0.1, 1.0), folds: int = 5, seed: int = 0, blas_threads: int | None = 1):
     """(best C, {C: mean accuracy}) of the probe over `grid`, by stratified `folds`-fold cross-validation on the
     training set alone: the test sets never choose a hyperparameter. Ties go to the smaller (simpler) C."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
 
     xa, ya, _ = check_train_test(x_train, y_train, np.zeros((1, np.asarray(x_train).shape[-1])), min_classes=2)
     grid = [grid] if np.ndim(grid) == 0 else list(grid)
@@ -131,7 +137,6 @@ def knn_predict(x_train, y_train, x_test, k: int = 10, chunk: int | None = None)
 # %% ../nbs/08_mapping.ipynb #e3ef59a8
 def classification_scores(y_true, y_pred) -> dict:
     "{'accuracy', 'macro_f1', 'n'} of predictions y_pred (q,) against y_true (q,)."
-    from sklearn.metrics import accuracy_score, f1_score
     yt = np.asarray(y_true)
     if yt.ndim != 1 or len(yt) == 0:
         raise DataError(f"y_true must be a non-empty 1-D array, got shape {yt.shape}", field="y_true")
@@ -224,7 +229,6 @@ def load_frozen_encoder(run_dir, method: str, modality: str = "nissl", device="c
 
     The "random" encoder needs no checkpoint of its own (its architecture and data settings come from
     another method's); a missing trained checkpoint raises `DataError` naming the command that makes it."""
-    from cytoclr.training import METHODS, checkpoint_path, load_checkpoint, load_encoder
     if method not in METHODS:
         raise DataError(f"method must be one of {METHODS}, got {method!r}", field="methods")
     path = checkpoint_path(run_dir, modality, method)
@@ -236,3 +240,107 @@ def load_frozen_encoder(run_dir, method: str, modality: str = "nissl", device="c
     data.setdefault("patch_px", 64)
     data.setdefault("level", 2)
     return load_encoder(run_dir, method, modality, device), data
+
+# %% ../nbs/08_mapping.ipynb #eb24b9d5
+def mapping_sets(manifest, modality: str = "nissl", train_sections: int = 0, train_samples: int = 4000,
+                 test_samples: int = 2000, seed: int = 0) -> tuple[dict, list]:
+    """({set: (sections, locations to draw, seed)} for "train" (the train split, at most `train_sections` evenly
+    spread; 0: all), "heldout_sections" (the test split) and "unseen_brain" (the unseen brain's sections at the test
+    planes), the test planes [(series, index)]). Seeds `seed` + 10, 11, 12; a set without sections is a `DataError`."""
+    train_secs = spread(manifest.split("train", modality), train_sections)
+    test_secs = manifest.split("test", modality)
+    planes = sorted({(getattr(s, "series", None) or "", s.section) for s in test_secs})  # the test planes
+    unseen_secs = [s for s in manifest.split("unseen_brain", modality)
+                   if (getattr(s, "series", None) or "", s.section) in planes]
+    sets = {"train": (train_secs, train_samples, seed + 10), K.HELDOUT: (test_secs, test_samples, seed + 11),
+            K.UNSEEN: (unseen_secs, test_samples, seed + 12)}
+    for name, (secs, _, _) in sets.items():
+        if not secs:
+            raise DataError(f"the manifest gives no {modality} sections for '{name}' (planes {planes}); see chapter 2",
+                            file=manifest.path, field="splits")
+    return sets, planes
+
+
+def area_labels(ref, samples: dict) -> tuple[dict, dict]:
+    """({set: (n,) str the area at each location (the tissue's)}, {set: (n,) str the atlas's area at the registered
+    position}): area names without the hemisphere, "" where there is no area."""
+    base = np.array([area_base_name(a) for a in ref.area_names])  # area index -> name without hemisphere
+    base[0] = ""  # index 0: no area
+    return {name: base[s.area] for name, s in samples.items()}, {name: base[s.atlas_area] for name, s in samples.items()}
+
+
+def frequent_classes(labels, n_areas: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(classes, their counts, the number of areas): the `n_areas` most frequent non-empty labels of `labels` (n,),
+    most frequent first, ties by name."""
+    labels = np.asarray(labels)
+    names, counts = np.unique(labels[labels != ""], return_counts=True)
+    order = np.lexsort((names, -counts))  # most frequent first, ties by name
+    return names[order[:n_areas]], counts[order[:n_areas]], len(names)
+
+
+def label_summary(labels: dict, classes, sections: dict, tests=(K.HELDOUT, K.UNSEEN)) -> tuple[dict, dict]:
+    """(keep {set: (n,) bool: the label is a class}, info {set: {sampled, no_area, rare_area, kept, sections}});
+    a test set without any kept location is a `DataError`. `sections`: {set: number of sections}."""
+    keep = {name: np.isin(y, classes) for name, y in labels.items()}
+    info = {name: dict(sampled=len(y), no_area=int((y == "").sum()), rare_area=int(((y != "") & ~keep[name]).sum()),
+                       kept=int(keep[name].sum()), sections=sections[name]) for name, y in labels.items()}
+    for name in tests:
+        if keep[name].sum() == 0:
+            raise DataError(f"no '{name}' location lies in the {len(classes)} classes: raise map_test_samples or "
+                            "n_areas", field="map_test_samples")
+    return keep, info
+
+# %% ../nbs/08_mapping.ipynb #6d241030
+def _with_ci(scores: dict, y_true, pred, groups, seed: int) -> dict:
+    return {K.ACCURACY: scores[K.ACCURACY], K.MACRO_F1: scores[K.MACRO_F1],
+            K.CI95: bootstrap_scores(y_true, pred, groups, seed=seed)}
+
+
+def mapping_scores(feats: dict, y: dict, y_atlas: dict, groups: dict, methods, tests=(K.HELDOUT, K.UNSEEN),
+                   knn_k: int = 10, probe_c=1.0, seed: int = 0) -> tuple[dict, dict, dict]:
+    """(results {method: evaluate_mapping(...)}, mapping {method | "atlas" | "chance": {test: scores}}, knn {method:
+    {test: scores}}): every encoder's probe and kNN, trained on `feats[m]["train"]` and `y["train"]`, on each test set,
+    with 95% intervals over `groups[test]` (the section of each location); the atlas baseline (`y_atlas`) with its
+    interval, and chance (the most frequent training class)."""
+    results = {m: evaluate_mapping(feats[m]["train"], y["train"], {t: (feats[m][t], y[t]) for t in tests},
+                                   k=knn_k, C=probe_c, seed=seed) for m in methods}
+    chance = results[methods[0]][CHANCE]
+    atlas_s = {t: atlas_scores(y[t], y_atlas[t]) for t in tests}
+    mapping = {m: {t: _with_ci(r["probe"][t], y[t], r["predictions"]["probe"][t], groups[t], seed) for t in tests}
+               for m, r in results.items()}
+    mapping[ATLAS] = {t: _with_ci(atlas_s[t], y[t], y_atlas[t], groups[t], seed) for t in tests}
+    mapping[CHANCE] = {t: {K.ACCURACY: chance[t][K.ACCURACY], K.MACRO_F1: chance[t][K.MACRO_F1]} for t in tests}
+    knn = {m: {t: _with_ci(r["knn"][t], y[t], r["predictions"]["knn"][t], groups[t], seed) for t in tests}
+           for m, r in results.items()}
+    return results, mapping, knn
+
+
+def mapping_metrics(modality: str, mapping: dict, knn: dict, results: dict, classes, knn_k: int, planes: list,
+                    data_info: dict) -> dict:
+    """The chapter's `metrics.json` sections: `mapping` (probe and baselines), `mapping_knn` and `mapping_data` (the
+    classes, the probe's C and its cross-validated accuracies, the test planes and what was sampled and kept)."""
+    return {K.MAPPING: {modality: mapping}, MAPPING_KNN: {modality: knn},
+            MAPPING_DATA: {modality: {"classes": np.asarray(classes).tolist(), "knn_k": knn_k,
+                                      "probe_c": {m: r["C"] for m, r in results.items()},
+                                      "probe_c_cv_accuracy": {m: {str(c): a for c, a in r["cv"].items()}
+                                                              for m, r in results.items()},
+                                      "planes": [list(p) for p in planes], **data_info}}}
+
+
+def mapping_table(mapping: dict, knn: dict, methods, tests=(K.HELDOUT, K.UNSEEN)) -> pd.DataFrame:
+    "Accuracy and macro F1 with their 95% intervals: rows (encoder, classifier), columns (score, test set)."
+    fmt = lambda d, k: f"{d[k]:.2f} [{d[K.CI95][k][0]:.2f}, {d[K.CI95][k][1]:.2f}]" if K.CI95 in d else f"{d[k]:.2f}"
+    rows = [dict(encoder=m, classifier=kind, test=t, accuracy=fmt(src[m][t], K.ACCURACY),
+                 macro_f1=fmt(src[m][t], K.MACRO_F1))
+            for m in methods for kind, src in (("probe", mapping), ("kNN", knn)) for t in tests]
+    rows += [dict(encoder="(atlas at the registered position)", classifier="lookup", test=t,
+                  accuracy=fmt(mapping[ATLAS][t], K.ACCURACY), macro_f1=fmt(mapping[ATLAS][t], K.MACRO_F1)) for t in tests]
+    rows += [dict(encoder="(chance)", classifier="most frequent", test=t, accuracy=fmt(mapping[CHANCE][t], K.ACCURACY),
+                  macro_f1=fmt(mapping[CHANCE][t], K.MACRO_F1)) for t in tests]
+    return pd.DataFrame(rows).pivot(index=["encoder", "classifier"], columns="test", values=["accuracy", "macro_f1"])
+
+
+def atlas_gaps(mapping: dict, methods, tests=(K.HELDOUT, K.UNSEEN)) -> dict:
+    "{test: the atlas lookup's accuracy minus the best learned probe's (the untrained 'random' encoder left out)}."
+    return {t: mapping[ATLAS][t][K.ACCURACY] - max(mapping[m][t][K.ACCURACY] for m in methods if m != "random")
+            for t in tests}

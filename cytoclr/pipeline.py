@@ -14,13 +14,16 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
+from .core import MetricKeys as K
 from .core import (CHAPTER_ENV, STATUS_ENV, DataError, PipelineError, atomic_path, forget_outputs,
                           path_fingerprint, provenance, read_json, read_yaml_mapping, source_fingerprint,
                           update_metrics, write_json_atomic)
@@ -63,7 +66,7 @@ def list_chapters(nbs_dir) -> list[Path]:
 
 def declared_parameters(nb_path) -> dict:
     "Names and default values (as source text) of the parameters a notebook declares."
-    import papermill as pm
+    import papermill as pm  # slow to import: only when notebooks are read (keeps `cytoclr --help` fast)
     return {k: v["default"] for k, v in pm.inspect_notebook(str(nb_path)).items()}
 
 # %% ../nbs/12_pipeline.ipynb #80f989f9
@@ -89,7 +92,7 @@ def input_fingerprint(name: str, value) -> str | None:
         return None
     p = Path(value)
     if name == "manifest" and p.is_file():
-        from cytoclr.sections import manifest_fingerprint
+        from cytoclr.sections import manifest_fingerprint  # sections loads numpy and the reference: not for --help
         return manifest_fingerprint(p)
     return path_fingerprint(p)
 
@@ -147,19 +150,16 @@ class _Monitor:
 
 def _kernel_config():
     "Kernels on IPC sockets: nothing listens on TCP, hence no 'running over TCP without encryption' warning."
-    from traitlets.config import Config
+    from traitlets.config import Config  # jupyter's: only when a kernel starts
     c = Config()
     c.KernelManager.transport = "ipc"
     return c
 
 
-def run_pipeline(profile: str | None = None, out=None, overrides: dict | None = None, only=None,
-                 nbs_dir=None, force: bool = False, kernel: str = "python3", progress: bool = True,
-                 reset: bool = False) -> dict:
-    "Execute the book's chapters with papermill into the run folder `out`; resume by default."
-    import papermill as pm
-    from tqdm import tqdm
-
+def _prepare_run(profile, out, overrides, only, nbs_dir, reset: bool, progress=True) -> dict:
+    """Everything a run needs before its first chapter, checked: the chapters and the parameters they declare, the
+    profile's and the run folder's parameters merged (`-p` given now over those remembered), the run folder's state
+    (updated and written), and `metrics.json`'s profile and provenance."""
     nbs_dir = Path(nbs_dir) if nbs_dir else find_project_root() / "nbs"
     cwd = Path.cwd()
     out = Path(out or f"runs/{profile or 'quick'}").resolve()
@@ -194,70 +194,102 @@ def run_pipeline(profile: str | None = None, out=None, overrides: dict | None = 
     write_json_atomic(state_path, state)
     merged = {**params, **overrides}
     update_metrics(out, {"profile": name, "provenance": {**provenance(nbs_dir.parent), "seed": merged.get("seed", 0)}})
+    return dict(out=out, state_path=state_path, state=state, profile=profile, name=name, overrides=overrides, 
+                chapters=chapters, declared=declared, only=only, merged=merged)
+
+
+def _chapter_parameters(run: dict, stem: str, fingerprints: dict) -> tuple[dict, dict]:
+    """(the parameters a chapter receives: those it declares, `run_dir` and `profile`; the content fingerprints of its
+    input paths). `fingerprints` caches them across chapters."""
+    declared = run["declared"][stem]
+    p = {k: v for k, v in run["merged"].items() if k in declared}
+    if "run_dir" in declared:
+        p["run_dir"] = str(run["out"])
+    if "profile" in declared:
+        p["profile"] = run["name"]
+    inputs = {}
+    for k, v in p.items():
+        if (k, str(v)) not in fingerprints:
+            fingerprints[k, str(v)] = input_fingerprint(k, v)
+        if fingerprints[k, str(v)] is not None:
+            inputs[k] = fingerprints[k, str(v)]
+    return p, inputs
+
+
+def _chapter_key(nb: Path, p: dict, inputs: dict, lib: str, prev_key: str) -> str:
+    "The key that says whether a chapter must run again: its notebook, parameters, inputs, the library, the chain before."
+    return hashlib.sha256(json.dumps([_hash_notebook(nb), p, inputs, lib, prev_key], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def _execute_chapter(run: dict, nb: Path, p: dict, kernel: str, bar, live: bool) -> float:
+    """Execute one chapter with papermill into the run folder (atomically); its seconds. A failure keeps the executed
+    notebook as `<stem>.failed.ipynb` and raises `PipelineError` with the command that reruns the chapter alone."""
+    import papermill as pm  # slow to import: only when a chapter runs (keeps `cytoclr --help` fast)
+    out, stem = run["out"], nb.stem
+    status = out / ".status"
+    forget_outputs(out, stem)  # this chapter's old metrics keys and figures: replaced, never accumulated
+    status.unlink(missing_ok=True)
+    os.environ[CHAPTER_ENV], os.environ[STATUS_ENV] = stem, str(status)
+    nb_json = json.loads(nb.read_text())
+    n_code = sum(c["cell_type"] == "code" for c in nb_json["cells"]) + 1  # and papermill's injected parameters
+    t0 = time.perf_counter()
+    failed = out / f"{stem}.failed.ipynb"
+    try:
+        with atomic_path(out / nb.name) as tmp, _Monitor(bar, stem, n_code, status, live) as mon:
+            try:
+                pm.execute_notebook(str(nb), str(tmp), parameters=p, kernel_name=kernel, language="python",
+                                    cwd=str(nb.parent), progress_bar=False, log_output=False,
+                                    config=_kernel_config(), on_cell_start=mon.on_cell_start)
+            except pm.PapermillExecutionError as e:
+                shutil.copy(tmp, failed)
+                raise PipelineError(
+                    f"chapter {nb.name} failed in cell {e.exec_count} (cell index {e.cell_index}): "
+                    f"{e.ename}: {e.evalue}\n  the executed notebook is kept at {failed}\n"
+                    f"  rerun this chapter alone with: {_command(run['profile'], out, run['overrides'], stem)}") from None
+    finally:
+        os.environ.pop(CHAPTER_ENV, None)
+        os.environ.pop(STATUS_ENV, None)
+        status.unlink(missing_ok=True)
+    failed.unlink(missing_ok=True)
+    return time.perf_counter() - t0
+
+
+def _record_chapter(run: dict, stem: str, key: str, p: dict, secs: float):
+    "The chapter's key, seconds and parameters in the run folder's state; its seconds in `metrics.json`."
+    run["state"]["chapters"][stem] = {"key": key, "seconds": round(secs, 2), "parameters": p,
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(run["state_path"], run["state"])
+    update_metrics(run["out"], {"seconds": {stem: round(secs, 2)}})
+
+
+def run_pipeline(profile: str | None = None, out=None, overrides: dict | None = None, only=None,
+                 nbs_dir=None, force: bool = False, kernel: str = "python3", progress: bool = True,
+                 reset: bool = False) -> dict:
+    "Execute the book's chapters with papermill into the run folder `out`; resume by default."
+    run = _prepare_run(profile, out, overrides, only, nbs_dir, reset, progress)
     # kernels inherit our environment: figures must go to the notebook (inline), not to a file backend
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    lib, prev_key, ran = _hash_library(), "", []
-    fingerprints = {}
+    lib, prev_key, ran, fingerprints = _hash_library(), "", [], {}
     live = progress and sys.stderr.isatty()
-    bar = tqdm(chapters, desc=f"run {name}", unit="chapter", file=sys.stderr,
+    bar = tqdm(run["chapters"], desc=f"run {run['name']}", unit="chapter", file=sys.stderr,
                disable=None if progress else True)  # None: off when stderr is not a terminal (CI logs)
-    status = out / ".status"
     for nb in bar:
         stem = nb.stem
-        p = {k: v for k, v in merged.items() if k in declared[stem]}
-        if "run_dir" in declared[stem]:
-            p["run_dir"] = str(out)
-        if "profile" in declared[stem]:
-            p["profile"] = name
-        inputs = {}
-        for k, v in p.items():
-            if (k, str(v)) not in fingerprints:
-                fingerprints[k, str(v)] = input_fingerprint(k, v)
-            if fingerprints[k, str(v)] is not None:
-                inputs[k] = fingerprints[k, str(v)]
-        key = hashlib.sha256(json.dumps([_hash_notebook(nb), p, inputs, lib, prev_key], sort_keys=True,
-                                        default=str).encode()).hexdigest()
-        prev_key = key
-        done = state["chapters"].get(stem, {})
-        if only and stem not in only:
+        p, inputs = _chapter_parameters(run, stem, fingerprints)
+        key = prev_key = _chapter_key(nb, p, inputs, lib, prev_key)
+        if run["only"] and stem not in run["only"]:
             continue
-        if not force and done.get("key") == key and (out / nb.name).exists():
+        if not force and run["state"]["chapters"].get(stem, {}).get("key") == key and (run["out"] / nb.name).exists():
             bar.write(f"  {stem}: unchanged, skipped", file=sys.stderr)
             continue
         bar.set_postfix_str(stem)
-        forget_outputs(out, stem)  # this chapter's old metrics keys and figures: replaced, never accumulated
-        status.unlink(missing_ok=True)
-        os.environ[CHAPTER_ENV], os.environ[STATUS_ENV] = stem, str(status)
-        nb_json = json.loads(nb.read_text())
-        n_code = sum(c["cell_type"] == "code" for c in nb_json["cells"]) + 1  # and papermill's injected parameters
-        t0 = time.perf_counter()
-        failed = out / f"{stem}.failed.ipynb"
-        try:
-            with atomic_path(out / nb.name) as tmp, _Monitor(bar, stem, n_code, status, live) as mon:
-                try:
-                    pm.execute_notebook(str(nb), str(tmp), parameters=p, kernel_name=kernel, language="python",
-                                        cwd=str(nb.parent), progress_bar=False, log_output=False,
-                                        config=_kernel_config(), on_cell_start=mon.on_cell_start)
-                except pm.PapermillExecutionError as e:
-                    shutil.copy(tmp, failed)
-                    raise PipelineError(
-                        f"chapter {nb.name} failed in cell {e.exec_count} (cell index {e.cell_index}): "
-                        f"{e.ename}: {e.evalue}\n  the executed notebook is kept at {failed}\n"
-                        f"  rerun this chapter alone with: {_command(profile, out, overrides, stem)}") from None
-        finally:
-            os.environ.pop(CHAPTER_ENV, None)
-            os.environ.pop(STATUS_ENV, None)
-            status.unlink(missing_ok=True)
-        failed.unlink(missing_ok=True)
-        secs = time.perf_counter() - t0
-        state["chapters"][stem] = {"key": key, "seconds": round(secs, 2), "parameters": p,
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json_atomic(state_path, state)
-        update_metrics(out, {"seconds": {stem: round(secs, 2)}})
+        secs = _execute_chapter(run, nb, p, kernel, bar, live)
+        _record_chapter(run, stem, key, p, secs)
         bar.write(f"  {stem}: done in {secs:.1f} s", file=sys.stderr)
         ran.append(stem)
     bar.close()
-    return {"run_dir": str(out), "ran": ran, "state": state}
+    return {"run_dir": str(run["out"]), "ran": ran, "state": run["state"]}
 
 # %% ../nbs/12_pipeline.ipynb #dfb84edd
 _DIRECTIVE_RE = re.compile(r"^\s*#\|\s*([^\s:]*)")
@@ -421,67 +453,96 @@ def _f(x, fmt="{:.2f}"):
 
 def _ci(sc: dict, key: str, fmt="{:.2f}") -> str:
     "A score with its 95% interval, if it has one."
-    ci = (sc.get("ci95") or {}).get(key)
+    ci = (sc.get(K.CI95) or {}).get(key)
     return _f(sc.get(key), fmt) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+
+
+def _summary_run(m: dict, state: dict | None) -> list:
+    "The run's profile, when it finished, its chapter time and commit, and a table of every chapter's seconds."
+    when = max((c.get("finished", "") for c in ((state or {}).get("chapters") or {}).values()), default="")
+    secs = {k: v for k, v in m.get(K.SECONDS, {}).items() if CHAPTER_RE.match(f"{k}.ipynb")}  # chapters only
+    prov = m.get(K.PROVENANCE, {})
+    lines = [f"**This run**: profile `{m.get(K.PROFILE, '?')}`, finished {when or 'unknown'}, "
+             f"{sum(secs.values()) / 60:.1f} minutes of chapter time"
+             + (f", commit `{str(prov.get('commit'))[:10]}`" + (" (with local changes)" if prov.get("dirty") else "")
+                if prov.get("commit") else "") + "."]
+    if secs:
+        lines += ["", "| chapter | " + " | ".join(secs) + " |", "|---|" + "---|" * len(secs),
+                  "| seconds | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " |"]
+    return lines
+
+
+def _summary_training(m: dict) -> list:
+    tr = m.get(K.TRAINING, {})
+    if not tr:
+        return []
+    return ["", "**Training** (final loss, images/s)", "", "| modality | method | final loss | images/s | steps |",
+            "|---|---|---|---|---|"] + [
+        f"| {mod} | {meth} | {_f(v.get(K.FINAL_LOSS), '{:.3f}')} | {_f(v.get(K.IMAGES_PER_SECOND), '{:.0f}')} "
+        f"| {v.get(K.STEPS, '–')} |" for mod, per in tr.items() for meth, v in per.items()]
+
+
+def _summary_mapping(m: dict) -> list:
+    lines = []
+    for mod, per in m.get(K.MAPPING, {}).items():
+        lines += ["", f"**Mapping** ({mod}: which area? linear probe accuracy, 95% interval over sections)", "",
+                  "| encoder or baseline | held-out sections | unseen brain |", "|---|---|---|"]
+        lines += [f"| {n} | {_ci(v.get(K.HELDOUT, {}), K.ACCURACY)} | {_ci(v.get(K.UNSEEN, {}), K.ACCURACY)} |"
+                  for n, v in per.items()]
+    return lines
+
+
+def _summary_anchoring(m: dict) -> list:
+    lines = []
+    for key, title in ((K.ANCHORING, "Anchoring, the posters' setting"), (K.ANCHORING_UNSEEN, "Anchoring an unseen brain")):
+        an = {k: v for k, v in m.get(key, {}).items() if k != K.PROTOCOL}
+        for mod, per in an.items():
+            lines += ["", f"**{title}** ({mod}, registered truth: share within 5 mm, median error in mm"
+                      + ("; after whole-section alignment" if any(K.AFTER_ALIGNMENT in v for v in per.values()) else "")
+                      + ")", "", "| encoder or baseline | within 5 mm | median mm | top-5 | after alignment: within 5 mm |",
+                      "|---|---|---|---|---|"]
+            for n, v in per.items():
+                r, a = v.get(K.REGISTERED, {}), v.get(K.AFTER_ALIGNMENT, {})
+                lines.append(f"| {n} | {_ci(r, K.WITHIN_5MM)} | {_f(r.get(K.MEDIAN_MM), '{:.1f}')} | "
+                             f"{_f(r.get(K.TOP5))} | {_f(a.get(K.WITHIN_5MM)) if a else '–'} |")
+    return lines
+
+
+def _summary_alignment(m: dict) -> list:
+    lines = []
+    for mod, per in m.get(K.ALIGNMENT, {}).items():
+        lines += ["", f"**Whole-section alignment** ({mod}, registered truth: medians over the placed test sections)", "",
+                  "| encoder | placed | point error mm | plane angle deg |", "|---|---|---|---|"]
+        for n, v in per.items():
+            r = v.get(K.REGISTERED, {})
+            lines.append(f"| {n} | {r.get(K.SECTIONS_PLACED, 0)}/{r.get(K.SECTIONS, 0)} | "
+                         f"{_f(r.get(K.POINT_ERROR_MM))} | {_f(r.get(K.PLANE_ANGLE_DEG))} |")
+    return lines
+
+
+def _summary_multimodal(m: dict) -> list:
+    mm = m.get(K.MULTIMODAL, {})
+    models = [k for k, v in mm.items() if isinstance(v, dict) and K.PLI_TO_NISSL in v]
+    if not models:
+        return []
+    top = lambda d: f"{_f(d.get(K.TOP1))} / {_f(d.get(K.TOP5))}"
+    lines = ["", "**Multi-modal** (retrieval within a test plane: top-1 / top-5)", "",
+             "| model | PLI -> Nissl | Nissl -> PLI |", "|---|---|---|"]
+    lines += [f"| {n} | {top(mm[n][K.PLI_TO_NISSL])} | {top(mm[n][K.NISSL_TO_PLI])} |" for n in models]
+    pr = mm.get(K.PREDICTION)
+    if pr:
+        lines += ["", f"Predicting low-resolution PLI from a Nissl embedding (mean squared error): decoder "
+                      f"{_f(pr['decoder']['mse'], '{:.4f}')}, mean patch {_f(pr['mean_patch']['mse'], '{:.4f}')}, "
+                      f"nearest training pair {_f(pr['nearest_pair']['mse'], '{:.4f}')}."]
+    return lines
 
 
 def run_summary(metrics: dict, state: dict | None = None) -> str:
     """A markdown summary of a run's `metrics.json` (and `pipeline_state.json`): what the front page shows, built
-    when the book is built so that it always describes the run the book shows."""
-    m, lines = metrics or {}, []
-    when = max((c.get("finished", "") for c in ((state or {}).get("chapters") or {}).values()), default="")
-    secs = {k: v for k, v in m.get("seconds", {}).items() if CHAPTER_RE.match(f"{k}.ipynb")}  # chapters only
-    prov = m.get("provenance", {})
-    lines.append(f"**This run**: profile `{m.get('profile', '?')}`, finished {when or 'unknown'}, "
-                 f"{sum(secs.values()) / 60:.1f} minutes of chapter time"
-                 + (f", commit `{str(prov.get('commit'))[:10]}`" + (" (with local changes)" if prov.get("dirty") else "")
-                    if prov.get("commit") else "") + ".")
-    if secs:
-        lines += ["", "| chapter | " + " | ".join(secs) + " |", "|---|" + "---|" * len(secs),
-                  "| seconds | " + " | ".join(f"{v:.0f}" for v in secs.values()) + " |"]
-    tr = m.get("training", {})
-    if tr:
-        lines += ["", "**Training** (final loss, images/s)", "", "| modality | method | final loss | images/s | steps |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {mod} | {meth} | {_f(v.get('final_loss'), '{:.3f}')} | {_f(v.get('images_per_second'), '{:.0f}')} "
-                  f"| {v.get('steps', '–')} |" for mod, per in tr.items() for meth, v in per.items()]
-    mp = m.get("mapping", {})
-    for mod, per in mp.items():
-        lines += ["", f"**Mapping** ({mod}: which area? linear probe accuracy, 95% interval over sections)", "",
-                  "| encoder or baseline | held-out sections | unseen brain |", "|---|---|---|"]
-        lines += [f"| {n} | {_ci(v.get('heldout_sections', {}), 'accuracy')} | {_ci(v.get('unseen_brain', {}), 'accuracy')} |"
-                  for n, v in per.items()]
-    for key, title in (("anchoring", "Anchoring, the posters' setting"), ("anchoring_unseen_brain", "Anchoring an unseen brain")):
-        an = {k: v for k, v in m.get(key, {}).items() if k != "protocol"}
-        for mod, per in an.items():
-            lines += ["", f"**{title}** ({mod}, registered truth: share within 5 mm, median error in mm"
-                      + ("; after whole-section alignment" if any("after_alignment" in v for v in per.values()) else "") + ")",
-                      "", "| encoder or baseline | within 5 mm | median mm | top-5 | after alignment: within 5 mm |",
-                      "|---|---|---|---|---|"]
-            for n, v in per.items():
-                r, a = v.get("registered", {}), v.get("after_alignment", {})
-                lines.append(f"| {n} | {_ci(r, 'within_5mm')} | {_f(r.get('median_error_mm'), '{:.1f}')} | "
-                             f"{_f(r.get('top5'))} | {_f(a.get('within_5mm')) if a else '–'} |")
-    al = m.get("alignment", {})
-    for mod, per in al.items():
-        lines += ["", f"**Whole-section alignment** ({mod}, registered truth: medians over the placed test sections)", "",
-                  "| encoder | placed | point error mm | plane angle deg |", "|---|---|---|---|"]
-        for n, v in per.items():
-            r = v.get("registered", {})
-            lines.append(f"| {n} | {r.get('sections_placed', 0)}/{r.get('sections', 0)} | "
-                         f"{_f(r.get('median_point_error_mm'))} | {_f(r.get('plane_angle_error_deg'))} |")
-    mm = m.get("multimodal", {})
-    models = [k for k, v in mm.items() if isinstance(v, dict) and "pli_to_nissl" in v]
-    if models:
-        lines += ["", "**Multi-modal** (retrieval within a test plane: top-1 / top-5)", "",
-                  "| model | PLI -> Nissl | Nissl -> PLI |", "|---|---|---|"]
-        lines += [f"| {n} | {_f(mm[n]['pli_to_nissl'].get('top1'))} / {_f(mm[n]['pli_to_nissl'].get('top5'))} | "
-                  f"{_f(mm[n]['nissl_to_pli'].get('top1'))} / {_f(mm[n]['nissl_to_pli'].get('top5'))} |" for n in models]
-        pr = mm.get("prediction")
-        if pr:
-            lines += ["", f"Predicting low-resolution PLI from a Nissl embedding (mean squared error): decoder "
-                          f"{_f(pr['decoder']['mse'], '{:.4f}')}, mean patch {_f(pr['mean_patch']['mse'], '{:.4f}')}, "
-                          f"nearest training pair {_f(pr['nearest_pair']['mse'], '{:.4f}')}."]
+    when the book is built so that it always describes the run the book shows. The keys are `MetricKeys`."""
+    m = metrics or {}
+    lines = (_summary_run(m, state) + _summary_training(m) + _summary_mapping(m) + _summary_anchoring(m)
+             + _summary_alignment(m) + _summary_multimodal(m))
     lines += ["", "Every number is computed by the chapters of this run; the chapters explain how, with their intervals "
                   "and baselines."]
     return "\n".join(lines) + "\n"
@@ -509,7 +570,6 @@ def toc_chapters(toc_path) -> list[str]:
 
 def build_book(run_dir, out="_build", root=None, progress: bool = True) -> Path:
     "Build the Jupyter Book from the executed notebooks of `run_dir`; return the path of `index.html`."
-    import subprocess
     root = Path(root) if root else find_project_root()
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():

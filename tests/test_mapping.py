@@ -196,3 +196,88 @@ def test_atlas_baseline_scores_the_lookup():
     from cytoclr.mapping import atlas_scores
     s = atlas_scores(np.array(["V1", "V1", "4", "4"]), np.array(["V1", "V2", "4", "4"]))
     assert s["accuracy"] == 0.75 and s["n"] == 4
+
+
+# ---- the chapter's protocol: sets, labels, classes, scores with intervals, metrics, table ----
+from types import SimpleNamespace as _S
+
+from cytoclr.core import MetricKeys as K
+from cytoclr.mapping import (area_labels, atlas_gaps, bootstrap_scores, frequent_classes, label_summary,
+                             mapping_metrics, mapping_scores, mapping_sets, mapping_table)
+
+
+def test_mapping_sets_use_the_test_planes_and_seeds():
+    sec = lambda brain, i, series="coronal": _S(brain=brain, section=i, series=series)
+    train = [sec("a", i) for i in range(0, 100, 10)]
+    test, unseen = [sec("a", 15), sec("b", 35)], [sec("u", 15), sec("u", 25), sec("u", 35, "sagittal")]
+    man = _S(split=lambda s, mod: {"train": train, "test": test, "unseen_brain": unseen}[s], path="m.yml")
+    sets, planes = mapping_sets(man, "nissl", train_sections=3, train_samples=40, test_samples=20, seed=5)
+    assert planes == [("coronal", 15), ("coronal", 35)]
+    assert [s.section for s in sets["train"][0]] == [0, 40, 90] and sets["train"][1:] == (40, 15)
+    assert sets[K.HELDOUT] == (test, 20, 16) and [s.section for s in sets[K.UNSEEN][0]] == [15] and sets[K.UNSEEN][2] == 17
+    man.split = lambda s, mod: {"train": train, "test": test, "unseen_brain": []}[s]
+    with pytest.raises(DataError, match="unseen_brain"):
+        mapping_sets(man, "nissl")
+
+
+def test_area_labels_drop_the_hemisphere():
+    ref = _S(area_names=["???", "L_V1_ROI", "R_V1_ROI", "L_4_ROI"])
+    smp = {"train": _S(area=np.array([0, 1, 2, 3]), atlas_area=np.array([1, 1, 3, 0]))}
+    labels, atlas = area_labels(ref, smp)
+    assert labels["train"].tolist() == ["", "V1", "V1", "4"] and atlas["train"].tolist() == ["V1", "V1", "4", ""]
+
+
+def test_frequent_classes_and_label_summary_by_hand():
+    labels = np.array(["b", "a", "", "c", "a", "b", "c", "d", "e", "e", "e"])
+    classes, counts, n = frequent_classes(labels, 3)
+    assert classes.tolist() == ["e", "a", "b"] and counts.tolist() == [3, 2, 2] and n == 5  # ties of two: by name
+    assert frequent_classes(labels, 10)[0].tolist() == ["e", "a", "b", "c", "d"]
+    keep, info = label_summary({"train": labels, K.HELDOUT: np.array(["a", "x", "", "e"]), K.UNSEEN: np.array(["b"])},
+                               classes, {"train": 3, K.HELDOUT: 2, K.UNSEEN: 1})
+    assert keep[K.HELDOUT].tolist() == [True, False, False, True]
+    assert info[K.HELDOUT] == dict(sampled=4, no_area=1, rare_area=1, kept=2, sections=2)
+    assert info["train"] == dict(sampled=11, no_area=1, rare_area=3, kept=7, sections=3)
+    with pytest.raises(DataError, match="unseen_brain"):
+        label_summary({K.HELDOUT: np.array(["a"]), K.UNSEEN: np.array(["x"])}, classes, {K.HELDOUT: 1, K.UNSEEN: 1})
+
+
+def _mapping_case(rng):
+    centres = rng.normal(size=(3, 8)) * 5
+    names = np.array(["a", "b", "c"])
+    y = {k: np.repeat(names, n) for k, n in (("train", 20), (K.HELDOUT, 6), (K.UNSEEN, 4))}
+    x = {k: centres[np.searchsorted(names, v)] + rng.normal(size=(len(v), 8)) for k, v in y.items()}
+    feats = {"enc": x, "random": {k: rng.normal(size=v.shape) for k, v in x.items()}}
+    atlas = {k: np.where(np.arange(len(v)) % 2 == 0, v, "a") for k, v in y.items()}  # wrong on every 2nd b and c
+    groups = {k: np.arange(len(v)) % 3 for k, v in y.items()}
+    return feats, y, atlas, groups
+
+
+def test_mapping_scores_against_their_definitions(rng):
+    feats, y, atlas, groups = _mapping_case(rng)
+    results, mapping, knn = mapping_scores(feats, y, atlas, groups, ["enc", "random"], knn_k=3, probe_c=[0.1, 1.0], seed=2)
+    assert mapping["enc"][K.HELDOUT][K.ACCURACY] == 1.0 and knn["enc"][K.UNSEEN][K.ACCURACY] == 1.0
+    assert mapping["atlas"][K.HELDOUT][K.ACCURACY] == pytest.approx(12 / 18)  # all a, half of b and c
+    assert mapping["atlas"][K.UNSEEN][K.ACCURACY] == pytest.approx(8 / 12)
+    assert mapping["chance"][K.HELDOUT] == {K.ACCURACY: pytest.approx(1 / 3), K.MACRO_F1: pytest.approx(0.5 / 3)}
+    ref = evaluate_mapping(feats["random"]["train"], y["train"], {t: (feats["random"][t], y[t]) for t in (K.HELDOUT, K.UNSEEN)},
+                           k=3, C=[0.1, 1.0], seed=2)
+    assert results["random"]["C"] == ref["C"]
+    for t in (K.HELDOUT, K.UNSEEN):
+        pred = ref["predictions"]["probe"][t]
+        assert mapping["random"][t] == {K.ACCURACY: ref["probe"][t][K.ACCURACY], K.MACRO_F1: ref["probe"][t][K.MACRO_F1],
+                                        K.CI95: bootstrap_scores(y[t], pred, groups[t], seed=2)}
+        assert knn["random"][t][K.CI95] == bootstrap_scores(y[t], ref["predictions"]["knn"][t], groups[t], seed=2)
+    assert set(mapping) == {"enc", "random", "atlas", "chance"} and set(knn) == {"enc", "random"}
+    gaps = atlas_gaps(mapping, ["enc", "random"])
+    assert gaps == {K.HELDOUT: pytest.approx(12 / 18 - 1.0), K.UNSEEN: pytest.approx(8 / 12 - 1.0)}  # 'random' left out
+    m = mapping_metrics("nissl", mapping, knn, results, np.array(["a", "b", "c"]), 3, [("coronal", 15)],
+                        {"train": {"kept": 60}})
+    assert m[K.MAPPING]["nissl"] is mapping and m["mapping_knn"]["nissl"] is knn
+    data = m["mapping_data"]["nissl"]
+    assert data["classes"] == ["a", "b", "c"] and data["planes"] == [["coronal", 15]] and data["train"] == {"kept": 60}
+    assert data["probe_c"] == {"enc": results["enc"]["C"], "random": results["random"]["C"]}
+    assert set(data["probe_c_cv_accuracy"]["enc"]) == {"0.1", "1.0"}
+    table = mapping_table(mapping, knn, ["enc"])
+    assert table.loc[("enc", "probe"), ("accuracy", K.HELDOUT)].startswith("1.00 [")
+    assert table.loc[("(chance)", "most frequent"), ("accuracy", K.HELDOUT)] == "0.33"
+    assert len(table) == 4

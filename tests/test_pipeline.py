@@ -421,3 +421,32 @@ def test_prepare_page_does_not_modify_its_input():
     page["cells"][0]["metadata"]["x"] = 1
     assert "x" not in nb["cells"][0]["metadata"]  # no cell is shared either
     assert prepare_page(nb) == prepare_page(nb, {})  # no replacements: the same page without path changes
+
+
+def test_run_summary_reads_the_metric_keys():
+    from cytoclr.core import MetricKeys as K
+    from cytoclr.pipeline import add_run_summary, run_summary
+    sc = {K.WITHIN_5MM: 0.25, K.MEDIAN_MM: 7.46, K.TOP5: 0.5, K.CI95: {K.WITHIN_5MM: [0.125, 0.375]}}
+    m = {K.PROFILE: "smoke", K.SECONDS: {"08_mapping": 12.4, "09_anchoring": 30.0, "not a chapter": 5.0},
+         K.PROVENANCE: {"commit": "0123456789abcdef", "dirty": True},
+         K.TRAINING: {"nissl": {"geodesic": {K.FINAL_LOSS: 1.23456, K.IMAGES_PER_SECOND: 99.6, K.STEPS: 10}}},
+         K.MAPPING: {"nissl": {"geodesic": {K.HELDOUT: {K.ACCURACY: 0.5, K.CI95: {K.ACCURACY: [0.25, 0.75]}},
+                                            K.UNSEEN: {K.ACCURACY: 0.4}}}},
+         K.ANCHORING: {K.PROTOCOL: {"frame_planes": 3}, "nissl": {"geodesic": {K.REGISTERED: sc,
+                                                                             K.AFTER_ALIGNMENT: {K.WITHIN_5MM: 0.5}}}},
+         K.ALIGNMENT: {"nissl": {"geodesic": {K.REGISTERED: {K.SECTIONS_PLACED: 3, K.SECTIONS: 4, K.POINT_ERROR_MM: 2.5,
+                                                             K.PLANE_ANGLE_DEG: float("nan")}}}},
+         K.MULTIMODAL: {"clip": {K.PLI_TO_NISSL: {K.TOP1: 0.1, K.TOP5: 0.3}, K.NISSL_TO_PLI: {K.TOP1: 0.2, K.TOP5: 0.4}}}}
+    state = {"chapters": {"08_mapping": {"finished": "2026-01-01T10:00:00"}, "09_anchoring": {"finished": "2026-01-01T11:00:00"}}}
+    lines = run_summary(m, state).splitlines()
+    assert lines[0] == ("**This run**: profile `smoke`, finished 2026-01-01T11:00:00, 0.7 minutes of chapter time, "
+                        "commit `0123456789` (with local changes).")
+    assert "| chapter | 08_mapping | 09_anchoring |" in lines and "| seconds | 12 | 30 |" in lines
+    assert "| nissl | geodesic | 1.235 | 100 | 10 |" in lines
+    assert "| geodesic | 0.50 [0.25, 0.75] | 0.40 |" in lines
+    assert "| geodesic | 0.25 [0.12, 0.38] | 7.5 | 0.50 | 0.50 |" in lines  # the protocol is not an encoder
+    assert not any(l.startswith("| protocol") for l in lines)
+    assert "| geodesic | 3/4 | 2.50 | – |" in lines and "| clip | 0.10 / 0.30 | 0.20 / 0.40 |" in lines
+    assert run_summary({}).startswith("**This run**: profile `?`, finished unknown, 0.0 minutes")
+    page = add_run_summary({"cells": [{"cell_type": "markdown", "source": ["## How to run\n"]}]}, m, state)
+    assert "".join(page["cells"][0]["source"]).startswith("## This run's results")
