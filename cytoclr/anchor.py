@@ -228,7 +228,7 @@ def anchor_cli(*, images: list, modality: str, spacing_um: float, out, run=None,
     return 0 if res["series"]["consistent"] else 1
 
 # %% ../nbs/10a_anchor.ipynb #29db7fa8
-ANCHOR_DEMO = "alignment_anchor_demo"  # the demonstration's key in metrics.json
+ANCHOR_DEMO = K.ANCHOR_DEMO  # the demonstration's key in metrics.json
 
 
 def errors_on_grid(A_fit, A_true, shape, n: int = 20) -> dict:

@@ -21,8 +21,8 @@ from .models import embed
 from .sampling import PatchDataset, Samples, grid_locations, sample_locations
 from .training import spread
 
-ANCHORING_BRAIN_SHIFT = "anchoring_brain_shift"  # metrics.json sections of this chapter that MetricKeys lacks
-ANCHORING_DENSITY_GRID = "anchoring_density_grid"
+ANCHORING_BRAIN_SHIFT = K.ANCHORING_BRAIN_SHIFT  # metrics.json sections of this chapter
+ANCHORING_DENSITY_GRID = K.ANCHORING_DENSITY_GRID
 
 # %% auto #0
 __all__ = ['ANCHORING_BRAIN_SHIFT', 'ANCHORING_DENSITY_GRID', 'BASELINES', 'held_out_sections', 'frame_plan', 'plane_seed',

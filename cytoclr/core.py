@@ -264,6 +264,13 @@ class MetricKeys:
     POINT_ERROR_MM, PLANE_ANGLE_DEG = "median_point_error_mm", "plane_angle_error_deg"
     SECTIONS, SECTIONS_PLACED = "sections", "sections_placed"
     PLI_TO_NISSL, NISSL_TO_PLI, PREDICTION = "pli_to_nissl", "nissl_to_pli", "prediction"
+    # the other sections chapters write
+    DATA, MANIFEST_SECTIONS, MANIFEST_BRAINS = "data", "manifest_sections", "manifest_brains"  # chapter 2
+    ROUND_TRIP_MAX_ABS_DIFF = "round_trip_max_abs_diff"  # chapter 2d: data.round_trip_max_abs_diff
+    MAPPING_KNN, MAPPING_DATA = "mapping_knn", "mapping_data"  # chapter 8
+    ANCHORING_BRAIN_SHIFT, ANCHORING_DENSITY_GRID = "anchoring_brain_shift", "anchoring_density_grid"  # chapter 9
+    ANCHOR_DEMO = "alignment_anchor_demo"  # chapter 10a
+    PLI_IN_NISSL_FRAME, AREA_TYPE_PROBE = "pli_in_nissl_frame", "area_type_probe"  # chapter 11, below `multimodal`
 
 # %% ../nbs/00_core.ipynb #2c685a3e
 STATUS_ENV = "CYTOCLR_STATUS"  # a file where `progress` mirrors its current line (set by the runner)

@@ -15,13 +15,14 @@ import numpy as np
 import yaml
 
 from .core import DataError, atomic_path, check_number, path_fingerprint, source_fingerprint, write_json_atomic
+from .core import MetricKeys as K
 from .core import progress as _progress  # tqdm, its line mirrored to the runner's status
 from .manifest import DATA, Manifest, load_manifest, manifest_counts
 from .phantom import PHANTOM_CODE, PhantomBrain
 from .reference import load_reference
 from .sections import MODALITIES, mask_shape
 
-ROUND_TRIP_MAX_ABS_DIFF = "round_trip_max_abs_diff"  # metrics.json: data.round_trip_max_abs_diff
+ROUND_TRIP_MAX_ABS_DIFF = K.ROUND_TRIP_MAX_ABS_DIFF  # metrics.json: data.round_trip_max_abs_diff
 
 # %% auto #0
 __all__ = ['ROUND_TRIP_MAX_ABS_DIFF', 'phantom_y_positions', 'default_splits', 'write_section_zarr', 'write_section_tiff',

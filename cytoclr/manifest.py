@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .core import DataError, check_number, path_fingerprint
+from .core import DataError, MetricKeys as K, check_number, path_fingerprint
 from .phantom import PhantomBrain
 from .readers import open_image
 from .reference import load_reference
@@ -679,8 +679,8 @@ def manifest_fingerprint(path) -> str:
     return h.hexdigest()
 
 
-DATA = "data"  # the section of metrics.json that chapter 2 writes
-MANIFEST_SECTIONS, MANIFEST_BRAINS = "manifest_sections", "manifest_brains"
+DATA = K.DATA  # the section of metrics.json that chapter 2 writes
+MANIFEST_SECTIONS, MANIFEST_BRAINS = K.MANIFEST_SECTIONS, K.MANIFEST_BRAINS
 
 
 def manifest_counts(man: Manifest) -> dict:

@@ -23,7 +23,7 @@ from .phantom import area_base_name
 from .training import METHODS, checkpoint_path, load_checkpoint, load_encoder, spread
 
 ATLAS, CHANCE = K.MAPPING_BASELINES  # the baselines of `mapping`: the atlas at the registered position, chance
-MAPPING_KNN, MAPPING_DATA = "mapping_knn", "mapping_data"  # metrics.json sections of this chapter that MetricKeys lacks
+MAPPING_KNN, MAPPING_DATA = K.MAPPING_KNN, K.MAPPING_DATA  # metrics.json sections of this chapter
 
 # %% auto #0
 __all__ = ['ATLAS', 'CHANCE', 'MAPPING_KNN', 'MAPPING_DATA', 'check_train_test', 'check_test_labels', 'linear_probe', 'select_c',

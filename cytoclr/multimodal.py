@@ -298,7 +298,7 @@ def predict_pli(train_feats, test_feats, train_pli, test_pli, px: int = 16, step
     return errors, {"truth": y_te, "decoder": p_dec, "nearest pair": p_copy}
 
 # %% ../nbs/11_multimodal.ipynb #984be06f
-PLI_IN_NISSL_FRAME, AREA_TYPE_PROBE = "pli_in_nissl_frame", "area_type_probe"  # keys below `multimodal`
+PLI_IN_NISSL_FRAME, AREA_TYPE_PROBE = K.PLI_IN_NISSL_FRAME, K.AREA_TYPE_PROBE  # keys below `multimodal`
 
 
 def multimodal_metrics(retrieval: dict, prediction: dict, pli_in_nissl: dict, probe: dict, chance_type: float,

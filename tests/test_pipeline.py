@@ -7,7 +7,7 @@ import nbformat
 import pytest
 import yaml
 
-from cytoclr.core import DataError, PipelineError, atomic_path, update_metrics
+from cytoclr.core import DataError, PipelineError
 from cytoclr.pipeline import (declared_parameters, list_chapters,
                               load_profile, run_pipeline, toc_chapters)
 
@@ -94,24 +94,6 @@ def test_cli_errors_have_no_traceback(tiny_book, tmp_path):
     assert "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "cytoclr", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "run" in r.stdout and "book" in r.stdout and "data" in r.stdout
-
-
-def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "m.json"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
-    assert not target.exists() and list(tmp_path.iterdir()) == []
-    with atomic_path(target) as tmp:
-        tmp.write_text("{}")
-    assert target.read_text() == "{}"
-
-
-def test_update_metrics_deep_merges(tmp_path):
-    update_metrics(tmp_path, {"anchoring": {"geodesic": {"top1": 0.5}}, "profile": "quick"})
-    m = update_metrics(tmp_path, {"anchoring": {"simclr": {"top1": 0.4}, "geodesic": {"top5": 0.9}}})
-    assert m["anchoring"] == {"geodesic": {"top1": 0.5, "top5": 0.9}, "simclr": {"top1": 0.4}}
 
 
 # --- the book's own notebooks -------------------------------------------------------------------
