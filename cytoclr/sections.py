@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from matplotlib.path import Path as MplPath
+from scipy.ndimage import binary_erosion
+from skimage.filters import threshold_otsu
 
 from .core import DataError, check_number
 from .readers import ImageReader, _span
@@ -145,7 +148,6 @@ class PolygonMask:
         self.points = np.asarray(points, np.float64)
 
     def __call__(self, shape, level: int) -> np.ndarray:
-        from matplotlib.path import Path as MplPath
         h, w = mask_shape(shape, level)
         k = 2 ** level
         r, c = np.meshgrid((np.arange(h) + 0.5) * k - 0.5, (np.arange(w) + 0.5) * k - 0.5, indexing="ij")
@@ -179,7 +181,6 @@ class TissueMask:
     def _tissue(self) -> tuple[np.ndarray, int]:
         "(tissue mask of a coarse level, that level's downsampling exponent)."
         if self._coarse is None:
-            from skimage.filters import threshold_otsu
             lv = min(range(len(self.reader.levels)), key=lambda i: abs(max(self.reader.levels[i]) - self.max_side))
             h, w = self.reader.levels[lv]
             step = max(1, math.ceil(max(h, w) / self.max_side))  # subsample a large level to about max_side
@@ -187,7 +188,6 @@ class TissueMask:
             t = threshold_otsu(img) if np.ptp(img) > 0 else np.inf
             tissue = img < t  # tissue is darker (Nissl) or less transmitting (PLI) than empty glass
             if self.margin_px:
-                from scipy.ndimage import binary_erosion
                 tissue = binary_erosion(tissue, iterations=max(1, self.margin_px // (step * 2 ** lv or 1)))
             scale = self.reader.shape[0] / tissue.shape[0]
             self._coarse = (tissue, float(scale))
