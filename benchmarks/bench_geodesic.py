@@ -30,7 +30,8 @@ from cytoclr.reference import load_hcp_s1200
 
 
 def stand_in_loss(z, w, tau):
-    "The loss of DESIGN.md section 2, written directly (used only if cytoclr.losses is missing)."
+    "The weighted contrastive loss (chapter 5: -sum_j w_ij log softmax_j(z_i.z_j / tau) / sum_j w_ij, averaged over
+    rows with a positive), written directly (used only if cytoclr.losses is missing)."
     z = torch.nn.functional.normalize(z, dim=1)
     n = len(z)
     eye = torch.eye(n, dtype=torch.bool)

@@ -33,8 +33,8 @@ from .training_config import (CLIP_METHODS, METHODS, MODALITIES, RESUMABLE_CHANG
                                      lr_factor, make_optimizer, make_weighting)
 from .checkpoints import (LOG_FIELDS, checkpoint_path, load_checkpoint, load_encoder, load_model, log_dir,
                                  read_log, rng_state, save_checkpoint, seed_everything, set_rng_state, truncate_log)
-from .training_data import (CODE_MODULES, BatchStream, DataConfig, ToyBatches, ToyPatches, build_data,
-                                   load_training_samples, run_identity, spread, surface_distances)
+from .training_data import (CODE_MODULES, BatchStream, DataConfig, build_data, load_training_samples, run_identity,
+                                   spread, surface_distances)
 
 
 # %% auto #0
