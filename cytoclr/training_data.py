@@ -71,16 +71,17 @@ class BatchStream:
 class ToyPatches(torch.utils.data.Dataset):
     """`n` locations at random positions (mm) with a hemisphere, vertex and area; each item holds `views` noisy views
     (1, px, px) of an image that is a smooth function of the position, the noise seeded by (seed, epoch, index).
+    `noise=0`: fixed views, no random numbers drawn (a data path that costs nearly nothing, for benchmarks).
     `nan_at=(epoch, index)` makes that item's image NaN (to test divergence handling)."""
 
-    def __init__(self, n: int = 40, px: int = 8, views: int = 2, seed: int = 0, nan_at=None):
+    def __init__(self, n: int = 40, px: int = 8, views: int = 2, seed: int = 0, nan_at=None, noise: float = 0.3):
         g = np.random.default_rng(7)
         self.xyz = g.uniform(-20, 20, (n, 3)).astype(np.float32)
         self.hemi = (self.xyz[:, 0] > 0).astype(np.int64)
         self.vertex = np.arange(n)
         self.area = 1 + (self.xyz[:, 1] > 0) + 2 * (self.xyz[:, 2] > 0)
         self.area[:3] = 0  # a few samples without an area
-        self.px, self.views, self.seed, self.epoch = px, views, seed, 0
+        self.px, self.views, self.seed, self.epoch, self.noise = px, views, seed, 0, noise
         self.nan_at = nan_at  # (epoch, index) whose image is NaN
         yy, xx = np.mgrid[:px, :px] / px
         self.base = np.stack([np.sin(x * 6 * xx + y * 6 * yy + z) for x, y, z in self.xyz / 20]).astype(np.float32)
@@ -92,8 +93,12 @@ class ToyPatches(torch.utils.data.Dataset):
         return len(self.xyz)
 
     def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        img = self.base[i][None, None] + 0.3 * rng.standard_normal((self.views, 1, self.px, self.px)).astype(np.float32)
+        if self.noise:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            noise = self.noise * rng.standard_normal((self.views, 1, self.px, self.px)).astype(np.float32)
+            img = self.base[i][None, None] + noise
+        else:
+            img = np.repeat(self.base[i][None, None], self.views, axis=0)
         if self.nan_at == (self.epoch, i):
             img[:] = np.nan
         return dict(image=torch.from_numpy(img), index=i, xyz=torch.from_numpy(self.xyz[i]),
