@@ -26,8 +26,9 @@ from .reference import check_mesh
 # %% auto #0
 __all__ = ['GEODESIC_CACHE_VERSION', 'WEIGHT_KINDS', 'check_surface', 'vertex_normals', 'ring_pairs', 'arc_lengths',
            'surface_graph', 'cache_dir', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order',
-           'table_from_graph', 'geodesic_table', 'straight_line', 'table_pairs', 'table_submatrix', 'SurfaceDistances',
-           'geodesic_weights', 'effective_positives']
+           'table_from_graph', 'geodesic_table', 'table_errors', 'straight_line', 'table_pairs', 'table_submatrix',
+           'SurfaceDistances', 'straight_over_geodesic', 'geodesic_weights', 'effective_positives', 'vertex_areas',
+           'positives_by_sigma']
 
 # %% ../nbs/04_geodesic.ipynb #287b0cc7
 def check_surface(vertices, faces, file="mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +240,18 @@ def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True
             np.savez(tmp, data=t.data, indices=t.indices, indptr=t.indptr, cutoff_mm=cutoff_mm, rings=int(rings))
     return t
 
+# %% ../nbs/04_geodesic.ipynb #d4000010
+def table_errors(exact: np.ndarray, estimates: dict, cutoff_mm: float, table: str = "ours") -> tuple[dict, int]:
+    """Relative errors |estimate / exact - 1| per method (`estimates`: name -> distances of the same pairs, inf where a
+    method has none), over the pairs closer than `cutoff_mm` that the table `estimates[table]` holds; and how many pairs
+    closer than 0.9 `cutoff_mm` the table misses (it must miss none)."""
+    ours = estimates[table]
+    within = exact < cutoff_mm
+    missing = int(np.sum((exact < 0.9 * cutoff_mm) & ~np.isfinite(ours)))
+    both = within & np.isfinite(ours)
+    return {name: np.abs(est[both] / exact[both] - 1) for name, est in estimates.items()}, missing
+
+
 # %% ../nbs/04_geodesic.ipynb #d4000001
 def straight_line(a, b=None, hemi_a=None, hemi_b=None, pairs: bool = False):
     """Straight-line distances (mm), infinite across hemispheres; numpy or torch (the type of `a`).
@@ -447,6 +460,14 @@ class SurfaceDistances:
         loc = self.ref.locate(xyz)
         return self.matrix(loc.hemi, loc.vertex, kind, allow_far), loc
 
+# %% ../nbs/04_geodesic.ipynb #d4000011
+def straight_over_geodesic(geodesic_mm: np.ndarray, straight_mm: np.ndarray, low_mm: float = 5.0,
+                           high_mm: float = 40.0) -> np.ndarray:
+    "Straight-line over geodesic distance of the pairs whose geodesic distance lies in [low_mm, high_mm] (flattened)."
+    m = (geodesic_mm >= low_mm) & (geodesic_mm <= high_mm)
+    return straight_mm[m] / geodesic_mm[m]
+
+
 # %% ../nbs/04_geodesic.ipynb #7f342ca4
 WEIGHT_KINDS = ("gaussian", "threshold")
 
@@ -485,3 +506,25 @@ def effective_positives(weights):
         return weights.sum(1) - torch.diagonal(weights)
     w = np.asarray(weights)
     return w.sum(1) - np.diagonal(w) if n else w.sum(1)
+
+# %% ../nbs/04_geodesic.ipynb #d4000012
+def vertex_areas(ref) -> np.ndarray:
+    """Probability of each vertex (left hemisphere's first, then the right's) for drawing points uniformly over the
+    labelled cortex: a third of the area of each face around it, 0 for vertices without an area; sums to 1."""
+    area_w = {}
+    for h in ref.hemis:
+        vh, fh = ref.mid[h], ref.faces[h]
+        fa = np.linalg.norm(np.cross(vh[fh[:, 1]] - vh[fh[:, 0]], vh[fh[:, 2]] - vh[fh[:, 0]]), axis=1) / 6  # a third of each face
+        a = np.zeros(len(vh))
+        for k in range(3):
+            np.add.at(a, fh[:, k], fa)
+        area_w[h] = np.where(ref.labels[h] > 0, a, 0.0)
+    p_all = np.concatenate([area_w[h] for h in ref.hemis])
+    p_all /= p_all.sum()
+    return p_all
+
+
+def positives_by_sigma(dist_mm, sigmas_mm, kind: str = "gaussian") -> list[float]:
+    "Mean effective positives per sample of a batch's distances `dist_mm` (n, n), for each weight width in `sigmas_mm`."
+    return [float(np.mean(effective_positives(geodesic_weights(dist_mm, s, kind)))) for s in sigmas_mm]
+

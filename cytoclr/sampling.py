@@ -16,12 +16,13 @@ from scipy.spatial import cKDTree
 from .augment import Augment  # chapter 3a; PatchDataset applies it, other chapters import it from here
 from .core import DataError, atomic_path, check_number
 from .core import progress as progress_bar
-from .geodesic import SurfaceDistances, straight_line  # chapter 4; the samplers measure with them
+from .geodesic import SurfaceDistances, effective_positives, geodesic_weights, straight_line  # chapter 4
 
 # %% auto #0
 __all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations', 'mask_grid',
-           'grid_locations', 'section_background', 'extract_patch', 'PatchDataset', 'euclidean_pairs', 'GeodesicPairs',
-           'resolve_distance', 'pairwise_distances', 'NeighbourhoodBatchSampler']
+           'grid_locations', 'section_background', 'extract_patch', 'depth_window', 'depth_coverage', 'span_summary',
+           'PatchDataset', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
+           'NeighbourhoodBatchSampler', 'cortex_area_mm2', 'batch_composition', 'uniform_cortex_positives']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass
@@ -300,6 +301,49 @@ def extract_patch(section, rc, size_px: int, fill=None) -> np.ndarray:
         out[:, ra - r0:rb - r0, ca - c0:cb - c0] = section.read(slice(ra, rb), slice(ca, cb))
     return out
 
+# %% ../nbs/03_sampling.ipynb #e3000010
+def depth_window(sec, rc, half_px: int, ref=None) -> np.ndarray:
+    """Cortical depth (h, w) of the window of half-side `half_px` around `rc`, NaN outside the cortex or the image:
+    the section's ground truth when it has one (the phantom), else the depth `ref.locate` gives its registered pixels."""
+    r, c = int(round(rc[0])), int(round(rc[1]))
+    out = np.full((2 * half_px + 1, 2 * half_px + 1), np.nan)
+    r0, r1 = max(r - half_px, 0), min(r + half_px + 1, sec.shape[0])
+    c0, c1 = max(c - half_px, 0), min(c + half_px + 1, sec.shape[1])
+    if hasattr(sec, "ground_truth"):
+        d = sec.ground_truth(slice(r0, r1), slice(c0, c1))["depth"]
+    else:
+        rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+        loc = ref.locate(sec.to_reference(np.stack([rr.ravel(), cc.ravel()], 1)))
+        d = np.where(loc.inside, loc.depth, np.nan).reshape(rr.shape)
+    out[r0 - r + half_px:r1 - r + half_px, c0 - c + half_px:c1 - c + half_px] = d
+    return out
+
+
+def depth_coverage(sections: list, samples: Samples, fovs_mm, n: int, ref=None) -> tuple[np.ndarray, np.ndarray]:
+    """For the first `n` samples and each field of view (mm, square windows at the first section's spacing): the share
+    of the depth range (pia 0 to white matter 1) the window sees, and whether it sees both ends (depths <= 0.1 and
+    >= 0.9). Two arrays (n, len(fovs_mm)); rows of windows that see no cortex, and beyond the samples, stay 0."""
+    fovs = np.asarray(fovs_mm, float)
+    spacing = sections[0].spacing_um
+    half = int(np.ceil(fovs.max() * 1000 / spacing / 2))
+    seen_range, spans = np.zeros((n, len(fovs))), np.zeros((n, len(fovs)), bool)
+    for i in range(min(n, len(samples))):  # a few hundred windows: a loop is fine here
+        d = depth_window(sections[int(samples.section[i])], samples.rc[i], half, ref)
+        for j, f in enumerate(fovs):
+            h = int(round(f * 1000 / spacing / 2))
+            w = d[half - h:half + h + 1, half - h:half + h + 1]
+            if np.isfinite(w).any():
+                lo, hi = np.nanmin(w), np.nanmax(w)
+                seen_range[i, j], spans[i, j] = hi - lo, (lo <= 0.1) & (hi >= 0.9)
+    return seen_range, spans
+
+
+def span_summary(fovs_mm, seen_range: np.ndarray, spans: np.ndarray) -> dict:
+    "metrics.json's `spans_cortex`: per field of view ('4mm'), the mean share of the depth range seen and of spanning windows."
+    return {f"{f:g}mm": dict(depth_range_seen=float(seen_range[:, j].mean()), spans=float(spans[:, j].mean()))
+            for j, f in enumerate(fovs_mm)}
+
+
 # %% ../nbs/03_sampling.ipynb #979e4978
 class PatchDataset(torch.utils.data.Dataset):
     """Patches centred on `samples` of `sections`, optionally augmented, one or two views each.
@@ -566,3 +610,43 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for t in range(self.steps):
             yield self.batch(t).tolist()
+
+# %% ../nbs/03_sampling.ipynb #e3000011
+def cortex_area_mm2(ref) -> float:
+    "Area (mm^2) of the mid-thickness triangles whose three vertices belong to an area, both hemispheres."
+    total = 0.0
+    for h in ref.hemis:
+        v, f = ref.mid[h], ref.faces[h]
+        keep = (ref.labels[h][f] > 0).all(1)
+        e1, e2 = v[f[keep, 1]] - v[f[keep, 0]], v[f[keep, 2]] - v[f[keep, 0]]
+        total += 0.5 * np.linalg.norm(np.cross(e1, e2), axis=1).sum()
+    return float(total)
+
+
+def batch_composition(samples: Samples, sampler, dist_fn, radius_mm: float, sigma_mm: float, n_batches: int) -> dict:
+    """What the first `n_batches` batches of `sampler` hold, averaged over batches: effective positives per sample
+    (the row sums of chapter 4's gaussian weights of width `sigma_mm`, without the diagonal), partners closer than
+    `radius_mm` per sample, and of those partners the shares on another section and in another brain (NaN if none)."""
+    eff, close, other_sec, other_brain = [], [], [], []
+    for t in range(min(n_batches, len(sampler))):
+        idx = sampler.batch(t)
+        d = pairwise_distances(samples, idx, dist_fn)
+        near = (d < radius_mm) & ~np.eye(len(idx), dtype=bool)  # (b, b) partners closer than the radius
+        eff.append(float(np.mean(effective_positives(geodesic_weights(d, sigma_mm)))))
+        close.append(near.sum(1).mean())
+        if near.any():
+            ii, jj = np.nonzero(near)
+            other_sec.append((samples.section[idx[ii]] != samples.section[idx[jj]]).mean())
+            other_brain.append((samples.brain[idx[ii]] != samples.brain[idx[jj]]).mean())
+    return dict(effective=float(np.mean(eff)), close=float(np.mean(close)),
+                other_section=float(np.mean(other_sec)) if other_sec else float("nan"),
+                other_brain=float(np.mean(other_brain)) if other_brain else float("nan"), n_batches=len(eff))
+
+
+def uniform_cortex_positives(batch: int, sigma_mm: float, radius_mm: float, area_mm2: float) -> dict:
+    """The same two numbers for a batch drawn uniformly over a cortex of `area_mm2`, analytically (a flat sheet):
+    each of the other batch - 1 samples adds 2 pi sigma^2 / A effective positives and lies closer than r with
+    probability pi r^2 / A."""
+    return dict(effective=(batch - 1) * 2 * np.pi * sigma_mm ** 2 / area_mm2,
+                close=(batch - 1) * np.pi * radius_mm ** 2 / area_mm2)
+

@@ -26,6 +26,7 @@ import torch.nn as nn
 from .core import (DataError, MetricKeys as K, fork_map, parse_assignment, read_yaml_mapping, update_metrics,
                           worker_count)
 from .core import progress as tqdm  # tqdm, its line mirrored to the runner's status
+from .geodesic import straight_line
 from .losses import clip_loss_distributed, spatial_nce_distributed
 from .sections import load_manifest
 # the pieces of the loop live in their own modules; later chapters import them from here, as before
@@ -40,7 +41,7 @@ from .training_data import (CODE_MODULES, BatchStream, DataConfig, build_data, l
 # %% auto #0
 __all__ = ['WORLD_SIZE', 'init_distributed', 'resolve_device', 'TrainingDiverged', 'TrainResult', 'resume_mismatch', 'final_loss',
            'train', 'TrainJob', 'training_metrics', 'record_training', 'train_many', 'split_config', 'build_parser',
-           'main']
+           'main', 'richest_neighbourhood', 'nearest_feature_neighbours', 'neighbour_summary']
 
 # %% ../nbs/07_training.ipynb #bfc10d6b
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -592,3 +593,28 @@ def _in_ipython() -> bool:
 # %% ../nbs/07_training.ipynb #52c53e71
 if __name__ == "__main__" and not _in_ipython():
     sys.exit(main())
+
+# %% ../nbs/07_training.ipynb #f7000001
+def richest_neighbourhood(D: np.ndarray, radius_mm: float, k: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """In a batch's distance matrix `D` (b, b): each location's number of partners closer than `radius_mm`, the
+    location with the most (the first of equals) and it with its `k` closest partners (positions in the batch)."""
+    close = (D < radius_mm).sum(1) - 1  # partners within radius_mm of each location in this batch
+    c = int(np.argmax(close))
+    near = np.argsort(D[c], kind="stable")[:k + 1]
+    return close, c, near
+
+
+# %% ../nbs/07_training.ipynb #f7000002
+def nearest_feature_neighbours(features: np.ndarray, xyz: np.ndarray, hemi: np.ndarray) -> np.ndarray:
+    """For each of n patches, how far (mm, straight line between centres; inf in the other hemisphere) its nearest
+    neighbour in feature space lies: the most similar other patch (cosine: `features` (n, D) are L2-normalised)."""
+    xyz_d = straight_line(xyz, hemi_a=hemi)  # (n, n) mm, inf across hemispheres
+    sim = features @ features.T
+    np.fill_diagonal(sim, -np.inf)
+    return xyz_d[np.arange(len(xyz)), sim.argmax(1)]
+
+
+def neighbour_summary(d: np.ndarray) -> dict:
+    "The median distance (mm) of `nearest_feature_neighbours` and the share within 10 mm."
+    return dict(median_mm=float(np.median(d)), within_10mm=float((d < 10).mean()))
+
