@@ -8,8 +8,9 @@ import torch
 from cytoclr.augment import Augment
 from cytoclr.core import DataError
 from cytoclr.reference import Location
-from cytoclr.sampling import (NeighbourhoodBatchSampler, PatchDataset, Samples, extract_patch,
-                              pairwise_distances, sample_locations)
+from cytoclr.sampling import (NeighbourhoodBatchSampler, PatchDataset, Samples, batch_composition, cortex_area_mm2,
+                              depth_coverage, extract_patch, pairwise_distances, sample_locations, span_summary,
+                              uniform_cortex_positives)
 
 
 class FakeSection:
@@ -259,17 +260,6 @@ def test_sampler_with_dataloader(fake_ref):
     assert len(batches) == 3 and batches[0]["image"].shape == (16, 1, 16, 16)
 
 
-def test_straight_line_against_the_formula(rng):
-    from cytoclr.geodesic import straight_line
-    a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
-    ha, hb = rng.integers(0, 2, 7), rng.integers(0, 2, 5)
-    slow = np.array([[np.sqrt(((a[i] - b[j]) ** 2).sum()) if ha[i] == hb[j] else np.inf for j in range(5)] for i in range(7)])
-    np.testing.assert_allclose(straight_line(a, b, ha, hb), slow)
-    np.testing.assert_allclose(straight_line(torch.tensor(a), torch.tensor(b), ha, hb).numpy(), slow)
-    np.testing.assert_allclose(straight_line(a[:5], b, ha[:5], hb, pairs=True), np.diag(slow[:5]))
-    np.testing.assert_allclose(straight_line(a), np.linalg.norm(a[:, None] - a[None], axis=-1))
-
-
 def test_sampler_bad_input(rng):
     s = _cloud(rng, 100)
     with pytest.raises(DataError, match="batch_size"):
@@ -355,3 +345,73 @@ def test_dataset_batches_equal_items_and_cache(fake_ref):
     dl = torch.utils.data.DataLoader(b, batch_sampler=[[0, 1, 2], [3, 4]])
     got = [x["image"].shape for x in dl]  # a DataLoader calls __getitems__ and collates as usual
     assert got == [(3, 2, 1, 16, 16), (2, 2, 1, 16, 16)]
+
+
+# --- the numbers chapter 3 reports ---------------------------------------------------------------
+
+def test_cortex_area_counts_labelled_triangles_only():
+    class Ref:
+        hemis = ("L", "R")
+        mid = {"L": np.array([[0, 0, 0], [3, 0, 0], [0, 4, 0], [9, 9, 0.0]]), "R": np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0.0]])}
+        faces = {"L": np.array([[0, 1, 2], [1, 2, 3]]), "R": np.array([[0, 1, 2]])}
+        labels = {"L": np.array([1, 1, 2, 0]), "R": np.array([1, 1, 1])}
+    assert cortex_area_mm2(Ref()) == pytest.approx(6.0 + 2.0)  # the face with an unlabelled vertex does not count
+
+
+def test_uniform_cortex_positives_by_hand():
+    u = uniform_cortex_positives(11, sigma_mm=2.0, radius_mm=3.0, area_mm2=100.0)
+    assert u["effective"] == pytest.approx(10 * 2 * np.pi * 4 / 100) and u["close"] == pytest.approx(10 * np.pi * 9 / 100)
+
+
+class _Fixed:
+    "A sampler stand-in: the given batches."
+    def __init__(self, batches):
+        self.batches = [np.asarray(b) for b in batches]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def batch(self, t):
+        return self.batches[t]
+
+
+def test_batch_composition_by_hand():
+    # four samples on a line at x = 0, 1, 3, 10 mm; sections 0, 1, 0, 1; brains a, a, b, b
+    n = 4
+    xyz = np.c_[[0.0, 1.0, 3.0, 10.0], np.zeros(n), np.zeros(n)]
+    s = Samples(section=np.array([0, 1, 0, 1]), rc=np.zeros((n, 2)), xyz=xyz, hemi=np.zeros(n, np.int8),
+                vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a", "a", "b", "b"]),
+                depth=np.full(n, 0.5), surface_xyz=xyz)
+    got = batch_composition(s, _Fixed([[0, 1, 2, 3], [0, 3]]), "euclidean", radius_mm=2.5, sigma_mm=1.0, n_batches=5)
+    # batch 1: partners closer than 2.5 mm: 0-1, 1-2 -> per sample 1, 2, 1, 0 (mean 1); pairs (ordered) 0-1, 1-0, 1-2,
+    # 2-1 all cross sections; 0-1 and 1-0 stay in brain a, 1-2 and 2-1 cross brains (1/2). Batch 2: no partners.
+    w = lambda d: np.exp(-d * d / 2)
+    eff1 = np.mean([w(1) + w(3) + w(10), w(1) + w(2) + w(9), w(3) + w(2) + w(7), w(10) + w(9) + w(7)])
+    eff2 = w(10)
+    assert got["n_batches"] == 2 and got["close"] == pytest.approx((1.0 + 0.0) / 2)
+    assert got["effective"] == pytest.approx((eff1 + eff2) / 2)
+    assert got["other_section"] == 1.0 and got["other_brain"] == 0.5
+
+
+class _Depths(FakeSection):
+    "A section whose ground-truth depth grows by 0.1 per column (0 at column 0)."
+    def ground_truth(self, rows, cols):
+        r = np.arange(self.shape[0])[rows]
+        c = np.arange(self.shape[1])[cols]
+        return {"depth": np.broadcast_to(0.1 * c[None, :], (len(r), len(c))).astype(float)}
+
+
+def test_depth_coverage_by_hand():
+    sec = _Depths(np.zeros((1, 40, 40)), spacing_um=1000.0)  # 1 mm per pixel
+    n = 2
+    s = Samples(section=np.zeros(n, np.int64), rc=np.array([[20.0, 5.0], [20.0, 30.0]]), xyz=np.zeros((n, 3)),
+                hemi=np.zeros(n, np.int8), vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a"] * n),
+                depth=np.full(n, 0.5), surface_xyz=np.zeros((n, 3)))
+    seen, spans = depth_coverage([sec], s, [3.0, 11.0], 3)
+    # 3 mm: columns c-2..c+2 (h = round(1.5) = 2) -> range 0.4; 11 mm: h = round(5.5) = 6 -> columns 0..11 around
+    # column 5 (clipped at the image's edge: 0 to 1.1, spans) and 24..36 around column 30 (2.4 to 3.6)
+    np.testing.assert_allclose(seen, [[0.4, 1.1], [0.4, 1.2], [0, 0]])
+    assert spans.tolist() == [[False, True], [False, False], [False, False]]
+    assert span_summary([3.0, 11.0], seen, spans) == {
+        "3mm": {"depth_range_seen": pytest.approx(0.8 / 3), "spans": 0.0},
+        "11mm": {"depth_range_seen": pytest.approx(2.3 / 3), "spans": pytest.approx(1 / 3)}}

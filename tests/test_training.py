@@ -314,6 +314,23 @@ def test_reported_final_loss_and_steps_come_from_the_log(tmp_path):
     assert m["final_loss"] == r.final_loss and m["steps"] == 7 and m["images_per_second"] == r.images_per_second
 
 
+def test_richest_neighbourhood_by_hand():
+    D = np.array([[0, 1, 4, 9], [1, 0, 2, 3], [4, 2, 0, 1], [9, 3, 1, 0.0]])
+    close, c, near = T.richest_neighbourhood(D, 2.5, 2)
+    assert close.tolist() == [1, 2, 2, 1] and c == 1 and near.tolist() == [1, 0, 2]  # the first of equals; 2 closest
+
+
+def test_anchoring_in_miniature_by_hand():
+    xyz = np.array([[0, 0, 0], [3, 0, 0], [20, 0, 0], [0, 4, 0.0]])
+    hemi = np.array([0, 0, 0, 1])
+    f = np.array([[1, 0], [0.96, 0.28], [0, 1], [1, 0.0]])  # unit rows (cosine similarity = dot product)
+    d = T.nearest_feature_neighbours(f, xyz, hemi)
+    # 0 -> 3 (other hemisphere: inf), 1 -> 0 (3 mm; 3 is as similar, the first wins), 2 -> 1 (17 mm), 3 -> 0 (inf)
+    assert d.tolist() == [np.inf, 3.0, 17.0, np.inf]
+    assert T.neighbour_summary(d) == {"median_mm": np.inf, "within_10mm": 0.25}
+    assert T.neighbour_summary(np.array([1.0, 12.0, 3.0])) == {"median_mm": 3.0, "within_10mm": pytest.approx(2 / 3)}
+
+
 # ---------------------------------------------------------------- loading encoders
 def test_load_encoder_returns_trained_weights_in_eval_mode(tmp_path):
     T.train(cfg_(steps=3), stream(), tmp_path, model=ToyModel(), progress=False)
