@@ -28,7 +28,7 @@ __all__ = ['GEODESIC_CACHE_VERSION', 'WEIGHT_KINDS', 'check_surface', 'vertex_no
            'surface_graph', 'cache_dir', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order',
            'table_from_graph', 'geodesic_table', 'table_errors', 'straight_line', 'table_pairs', 'table_submatrix',
            'SurfaceDistances', 'straight_over_geodesic', 'geodesic_weights', 'effective_positives', 'vertex_areas',
-           'positives_by_sigma']
+           'positives_by_sigma', 'geodesic_metrics']
 
 # %% ../nbs/04_geodesic.ipynb #287b0cc7
 def check_surface(vertices, faces, file="mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -527,4 +527,24 @@ def vertex_areas(ref) -> np.ndarray:
 def positives_by_sigma(dist_mm, sigmas_mm, kind: str = "gaussian") -> list[float]:
     "Mean effective positives per sample of a batch's distances `dist_mm` (n, n), for each weight width in `sigmas_mm`."
     return [float(np.mean(effective_positives(geodesic_weights(dist_mm, s, kind)))) for s in sigmas_mm]
+
+
+# %% ../nbs/04_geodesic.ipynb #d4000013
+def geodesic_metrics(cutoff_mm: float, rings: int, seconds: dict, err: dict, missing: int, tables: dict,
+                     ratio: np.ndarray, effective: dict) -> dict:
+    """What metrics.json records under `geodesic`: the table's settings and time (both hemispheres), the relative
+    errors of `table_errors` (median and 95th percentile of the table's; medians of plain Dijkstra and the heat
+    method), the pairs it misses, its pairs per vertex (mean over hemispheres), the mean straight/geodesic ratio and
+    the effective positives by batch size and sigma."""
+    return {"geodesic": {
+        "cutoff_mm": cutoff_mm, "rings": rings,
+        "table_seconds": float(sum(seconds.values())),  # both hemispheres' tables, built or read from the cache
+        "median_rel_error": float(np.median(err["ours"])), "p95_rel_error": float(np.percentile(err["ours"], 95)),
+        "plain_dijkstra_median_rel_error": float(np.median(err["plain Dijkstra"])),
+        "heat_method_median_rel_error": float(np.median(err["heat method"])),
+        "missing_within_0.9_cutoff": missing,
+        "pairs_per_vertex": float(np.mean([t.nnz / t.shape[0] for t in tables.values()])),
+        "straight_over_geodesic_5_40mm_mean": float(ratio.mean()),
+        "effective_positives": effective,
+    }}
 

@@ -22,7 +22,8 @@ from .geodesic import SurfaceDistances, effective_positives, geodesic_weights, s
 __all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations', 'mask_grid',
            'grid_locations', 'section_background', 'extract_patch', 'depth_window', 'depth_coverage', 'span_summary',
            'PatchDataset', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
-           'NeighbourhoodBatchSampler', 'cortex_area_mm2', 'batch_composition', 'uniform_cortex_positives']
+           'NeighbourhoodBatchSampler', 'cortex_area_mm2', 'batch_composition', 'uniform_cortex_positives',
+           'sampling_metrics']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass
@@ -649,4 +650,18 @@ def uniform_cortex_positives(batch: int, sigma_mm: float, radius_mm: float, area
     probability pi r^2 / A."""
     return dict(effective=(batch - 1) * 2 * np.pi * sigma_mm ** 2 / area_mm2,
                 close=(batch - 1) * np.pi * radius_mm ** 2 / area_mm2)
+
+
+# %% ../nbs/03_sampling.ipynb #e3000012
+def sampling_metrics(samples: Samples, sample_seconds: float, distance: str, cortex_area: float, spans: dict,
+                     positives: list, speed: dict) -> dict:
+    """What metrics.json records under `sampling`: the number of locations and the time to draw them, the distance
+    of the neighbourhoods, the reference's cortex area (`cortex_area_mm2`), `span_summary`, the rows of
+    `batch_composition` / `uniform_cortex_positives` keyed "<batches>_<batch size>", and the loader's speed."""
+    return {"sampling": {
+        "n_locations": len(samples), "sample_seconds": sample_seconds, "distance": distance, "cortex_area_mm2": cortex_area,
+        "spans_cortex": spans,
+        "positives": {f"{r['batches']}_{r['batch']}": {k: r[k] for k in ("effective", "close", "other_section", "other_brain")}
+                      for r in positives},
+        "speed": speed}}
 

@@ -6,7 +6,8 @@ import torch
 from scipy.spatial.distance import cdist
 
 from cytoclr import geodesic as G
-from cytoclr.geodesic import (SurfaceDistances, check_surface, effective_positives, geodesic_table, geodesic_weights,
+from cytoclr.geodesic import (SurfaceDistances, check_surface, effective_positives, geodesic_metrics, geodesic_table,
+                              geodesic_weights,
                               positives_by_sigma, restrict_table, straight_line, straight_over_geodesic, surface_graph,
                               table_errors, table_submatrix, vertex_areas)
 from cytoclr.core import DataError
@@ -491,3 +492,14 @@ def test_vertex_areas_and_positives_by_sigma_by_hand():
     assert got[0] == pytest.approx((e1 + (e1 + e2) + e2) / 3)
     assert got[1] == pytest.approx((np.exp(-1 / 8) * 2 + np.exp(-0.5) * 2) / 3)
     assert positives_by_sigma(d, [1.5], "threshold") == [pytest.approx(2 / 3)]
+
+
+def test_geodesic_metrics_by_hand():
+    t = sp.csr_matrix(np.array([[0, 1.0, 0], [1.0, 0, 2.0], [0, 2.0, 0]]))  # 4 pairs on 3 vertices
+    err = {"plain Dijkstra": np.array([0.1, 0.3]), "heat method": np.array([0.2]), "ours": np.array([0.0, 0.01, 0.02])}
+    m = geodesic_metrics(30.0, 3, {"L": 1.5, "R": 2.0}, err, 0, {"L": t, "R": t}, np.array([0.8, 1.0]), {"b": 1})["geodesic"]
+    assert m["cutoff_mm"] == 30.0 and m["rings"] == 3 and m["table_seconds"] == 3.5
+    assert m["median_rel_error"] == 0.01 and m["p95_rel_error"] == pytest.approx(0.019)
+    assert m["plain_dijkstra_median_rel_error"] == pytest.approx(0.2) and m["heat_method_median_rel_error"] == 0.2
+    assert m["missing_within_0.9_cutoff"] == 0 and m["pairs_per_vertex"] == pytest.approx(4 / 3)
+    assert m["straight_over_geodesic_5_40mm_mean"] == pytest.approx(0.9) and m["effective_positives"] == {"b": 1}

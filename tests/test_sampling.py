@@ -9,8 +9,8 @@ from cytoclr.augment import Augment
 from cytoclr.core import DataError
 from cytoclr.reference import Location
 from cytoclr.sampling import (NeighbourhoodBatchSampler, PatchDataset, Samples, batch_composition, cortex_area_mm2,
-                              depth_coverage, extract_patch, pairwise_distances, sample_locations, span_summary,
-                              uniform_cortex_positives)
+                              depth_coverage, extract_patch, pairwise_distances, sample_locations, sampling_metrics,
+                              span_summary, uniform_cortex_positives)
 
 
 class FakeSection:
@@ -415,3 +415,15 @@ def test_depth_coverage_by_hand():
     assert span_summary([3.0, 11.0], seen, spans) == {
         "3mm": {"depth_range_seen": pytest.approx(0.8 / 3), "spans": 0.0},
         "11mm": {"depth_range_seen": pytest.approx(2.3 / 3), "spans": pytest.approx(1 / 3)}}
+
+
+def test_sampling_metrics_by_hand():
+    n = 3
+    s = Samples(section=np.zeros(n, np.int64), rc=np.zeros((n, 2)), xyz=np.zeros((n, 3)), hemi=np.zeros(n, np.int8),
+                vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a"] * n), depth=np.full(n, 0.5),
+                surface_xyz=np.zeros((n, 3)))
+    rows = [dict(batch=8, batches="uniform", effective=0.5, close=1.0, other_section=0.25, other_brain=0.0, n_batches=2)]
+    m = sampling_metrics(s, 1.5, "geodesic", 100.0, {"4mm": {}}, rows, {"crop_ms": 2.0})["sampling"]
+    assert m == {"n_locations": 3, "sample_seconds": 1.5, "distance": "geodesic", "cortex_area_mm2": 100.0,
+                 "spans_cortex": {"4mm": {}}, "speed": {"crop_ms": 2.0},
+                 "positives": {"uniform_8": {"effective": 0.5, "close": 1.0, "other_section": 0.25, "other_brain": 0.0}}}
