@@ -17,13 +17,15 @@ from .augment import Augment  # chapter 3a; PatchDataset applies it, other chapt
 from .core import DataError, atomic_path, check_number
 from .core import progress as progress_bar
 from .geodesic import SurfaceDistances, effective_positives, geodesic_weights, straight_line  # chapter 4
+_all_ = ["Augment"]  # re-exported: `from cytoclr.sampling import Augment` keeps working
+
 
 # %% auto #0
 __all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations', 'mask_grid',
            'grid_locations', 'section_background', 'extract_patch', 'depth_window', 'depth_coverage', 'span_summary',
            'PatchDataset', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
            'NeighbourhoodBatchSampler', 'cortex_area_mm2', 'batch_composition', 'uniform_cortex_positives',
-           'sampling_metrics']
+           'sampling_metrics', 'Augment']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass

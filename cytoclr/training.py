@@ -36,12 +36,20 @@ from .checkpoints import (LOG_FIELDS, checkpoint_path, load_checkpoint, load_enc
                                  read_log, rng_state, save_checkpoint, seed_everything, set_rng_state, truncate_log)
 from .training_data import (CODE_MODULES, BatchStream, DataConfig, build_data, load_training_samples, run_identity,
                                    spread, surface_distances)
+_all_ = ["METHODS", "MODALITIES", "CLIP_METHODS", "RESUMABLE_CHANGES", "LOG_FIELDS", "CODE_MODULES", "TrainConfig",
+         "make_weighting", "lr_factor", "build_model", "make_optimizer", "BatchStream", "seed_everything",
+         "checkpoint_path", "log_dir", "save_checkpoint", "load_checkpoint", "read_log", "load_model", "load_encoder",
+         "DataConfig", "run_identity", "spread", "load_training_samples", "build_data", "surface_distances"]
 
 
 # %% auto #0
 __all__ = ['WORLD_SIZE', 'init_distributed', 'resolve_device', 'TrainingDiverged', 'TrainResult', 'resume_mismatch', 'final_loss',
            'train', 'TrainJob', 'training_metrics', 'record_training', 'train_many', 'split_config', 'build_parser',
-           'main', 'richest_neighbourhood', 'nearest_feature_neighbours', 'neighbour_summary']
+           'main', 'richest_neighbourhood', 'nearest_feature_neighbours', 'neighbour_summary', 'METHODS', 'MODALITIES',
+           'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig', 'make_weighting',
+           'lr_factor', 'build_model', 'make_optimizer', 'BatchStream', 'seed_everything', 'checkpoint_path', 'log_dir',
+           'save_checkpoint', 'load_checkpoint', 'read_log', 'load_model', 'load_encoder', 'DataConfig', 'run_identity',
+           'spread', 'load_training_samples', 'build_data', 'surface_distances']
 
 # %% ../nbs/07_training.ipynb #bfc10d6b
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
