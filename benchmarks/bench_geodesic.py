@@ -27,10 +27,12 @@ import torch
 
 from cytoclr.geodesic import (SurfaceDistances, geodesic_rows, geodesic_table, geodesic_weights, surface_graph)
 from cytoclr.reference import load_hcp_s1200
+from cytoclr.training_config import make_weighting
 
 
 def stand_in_loss(z, w, tau):
-    "The loss of DESIGN.md section 2, written directly (used only if cytoclr.losses is missing)."
+    """The weighted contrastive loss (chapter 5: -sum_j w_ij log softmax_j(z_i.z_j / tau) / sum_j w_ij, averaged over
+    rows with a positive), written directly (used only if cytoclr.losses is missing)."""
     z = torch.nn.functional.normalize(z, dim=1)
     n = len(z)
     eye = torch.eye(n, dtype=torch.bool)
@@ -141,7 +143,6 @@ def main():
     g = rng.choice(2 * n, b)
     hemi, vert = g // n, g % n
     z = torch.randn(b, 128, requires_grad=True)
-    from cytoclr.training import make_weighting
     # what training does: the trainer gathers the batch's (hemi, vertex) as tensors and calls the weighting's function
     th, tv = torch.from_numpy(hemi), torch.from_numpy(vert)
     fns = {m: make_weighting(m, 5.0, "gaussian", dist)[1] for m in ("geodesic", "euclidean")}

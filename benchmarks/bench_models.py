@@ -30,7 +30,7 @@ import torch
 from cytoclr.losses import spatial_nce, view_weights
 from cytoclr.models import ContrastiveModel, ProjectionHead, build_encoder, count_parameters
 from cytoclr.phantom import PhantomBrain
-from cytoclr.training import TrainConfig, make_optimizer
+from cytoclr.training_config import TrainConfig, make_optimizer
 
 
 def phantom_patches(locations: int, seed: int = 0) -> dict:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from cytoclr.augment import Augment
 from cytoclr.reference import Location
-from cytoclr.sampling import Augment, NeighbourhoodBatchSampler, PatchDataset, Samples, sample_locations
+from cytoclr.sampling import NeighbourhoodBatchSampler, PatchDataset, Samples, sample_locations
 
 
 def median_time(fn, reps=5, inner=1):

@@ -2,7 +2,7 @@
 
 Part 1 (synthetic): the quick encoder (cytoclr.models, "quick") on 128 px single-channel images, 64 locations
 x 2 views = 128 images per step, SimCLR weights, AdamW + warm-up/cosine + clipping. The data are in-memory
-tensors served through the same BatchStream, so the ratio isolates the trainer's own costs: checks,
+tensors (`ToyPatches` with fixed views) served through the same BatchStream, so the ratio isolates the trainer's own costs: checks,
 CSV/TensorBoard logging, tqdm, checkpoints.
 
 Part 2 (the chapter's real data path): phantom Nissl sections of the train split of `data_manifest.yml`, a few
@@ -48,39 +48,12 @@ import torch
 import yaml
 
 from cytoclr import training as T
+from cytoclr.augment import Augment
 from cytoclr.losses import spatial_nce, view_weights
+from cytoclr.sampling import PatchDataset
+from cytoclr.training_data import ToyBatches, ToyPatches
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Images(torch.utils.data.Dataset):
-    "n locations, each two fixed random views (C, px, px), with positions."
-
-    def __init__(self, n, px, channels=1):
-        g = np.random.default_rng(0)
-        self.x = torch.from_numpy(g.standard_normal((n, 2, channels, px, px)).astype(np.float32))
-        self.xyz = torch.from_numpy(g.uniform(-50, 50, (n, 3)).astype(np.float32))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(image=self.x[i], index=i, xyz=self.xyz[i], hemi=0, vertex=i, area=1)
-
-
-class Batches:
-    def __init__(self, n, b):
-        self.n, self.b, self.epoch = n, b, 0
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def __len__(self):
-        return self.n // self.b
-
-    def __iter__(self):
-        p = np.random.default_rng(self.epoch).permutation(self.n)
-        return iter(p[: len(self) * self.b].reshape(len(self), self.b).tolist())
 
 
 class OneByOne(torch.utils.data.Dataset):
@@ -195,7 +168,7 @@ def data_only(cfg, stream):
 def synthetic(a):
     cfg = T.TrainConfig(method="simclr", arch="quick", steps=a.steps, batch_size=a.batch, views=2,
                         checkpoint_every=max(1, a.steps // 2), log_every=10, warmup_steps=5)
-    stream = T.BatchStream(Images(a.batch * 8, a.px), Batches(a.batch * 8, a.batch))
+    stream = T.BatchStream(ToyPatches(a.batch * 8, a.px, noise=0), ToyBatches(a.batch * 8, a.batch))  # fixed views
     n_params = sum(p.numel() for p in make_model(cfg).parameters())
     print(f"[1, synthetic] quick encoder + head: {n_params / 1e6:.2f} M parameters; {a.steps} steps of {a.batch} x 2 "
           f"images at {a.px} px, in-memory tensors, SimCLR weights; torch threads {torch.get_num_threads()}")
@@ -235,7 +208,6 @@ def manifest_at(spacing_um: float, folder: Path) -> Path:
 
 
 def real(a):
-    from cytoclr.sampling import Augment, PatchDataset
     from cytoclr.sections import load_manifest
     cut = 30.0
     cfg = T.TrainConfig(method="geodesic", modality="nissl", arch="quick", steps=a.real_steps, batch_size=a.batch,

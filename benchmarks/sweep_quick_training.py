@@ -50,8 +50,10 @@ import yaml
 from cytoclr.models import embed
 from cytoclr.sampling import PatchDataset, sample_locations
 from cytoclr.sections import load_manifest
-from cytoclr.training import (DataConfig, TrainConfig, build_data, build_model, load_model, load_training_samples,
-                              surface_distances, train)
+from cytoclr.checkpoints import load_model
+from cytoclr.training import train
+from cytoclr.training_config import TrainConfig, build_model
+from cytoclr.training_data import DataConfig, build_data, load_training_samples, surface_distances
 
 ROOT = Path(__file__).resolve().parents[1]
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -11,19 +11,24 @@ import re
 import warnings
 from pathlib import Path
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.sparse.csgraph import dijkstra
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
 
-from .core import DataError, atomic_path
+from .core import DataError, atomic_path, check_number, fork_map, usable_cores
 from .reference import check_mesh
-from .sampling import straight_line
 
 # %% auto #0
 __all__ = ['GEODESIC_CACHE_VERSION', 'WEIGHT_KINDS', 'check_surface', 'vertex_normals', 'ring_pairs', 'arc_lengths',
            'surface_graph', 'cache_dir', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order',
-           'table_from_graph', 'geodesic_table', 'table_pairs', 'table_submatrix', 'SurfaceDistances',
-           'geodesic_weights', 'effective_positives']
+           'table_from_graph', 'geodesic_table', 'table_errors', 'straight_line', 'table_pairs', 'table_submatrix',
+           'SurfaceDistances', 'straight_over_geodesic', 'geodesic_weights', 'effective_positives', 'vertex_areas',
+           'positives_by_sigma', 'geodesic_metrics']
 
 # %% ../nbs/04_geodesic.ipynb #287b0cc7
 def check_surface(vertices, faces, file="mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -47,16 +52,6 @@ def _check_rings(rings) -> int:
         raise DataError(f"rings must be an integer >= 1, got {rings!r}", field="rings")
     return int(rings)
 
-
-def _check_positive(x, name: str) -> float:
-    "A finite, strictly positive float, or a `DataError` naming the argument."
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        raise DataError(f"{name} must be a number, got {x!r}", field=name) from None
-    if not np.isfinite(x) or x <= 0:
-        raise DataError(f"{name} must be finite and > 0, got {x}", field=name)
-    return x
 
 # %% ../nbs/04_geodesic.ipynb #31f805a9
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -208,7 +203,6 @@ def table_from_graph(graph: sp.csr_matrix, vertices: np.ndarray, cutoff_mm: floa
 
     Chunks of sources run in `workers` forked processes (None: every core, at most 8; 1: this process);
     scipy's Dijkstra holds the GIL, so threads would not help (`cytoclr.core.fork_map`). The result does not depend on `workers`."""
-    from cytoclr.core import fork_map, usable_cores
     n = graph.shape[0]
     workers = min(usable_cores(), 8) if workers is None else int(workers)
     starts = list(range(0, n, chunk))
@@ -230,7 +224,7 @@ def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True
     Absent entries are farther than the cutoff; the diagonal is stored as explicit zeros.
     `cache`: True (the folder `cache_dir()`), False, or a folder; `workers`: processes (see `table_from_graph`)."""
     vertices, faces = check_surface(vertices, faces)
-    cutoff_mm = _check_positive(cutoff_mm, "cutoff_mm")
+    cutoff_mm = check_number(cutoff_mm, "cutoff_mm", positive=True)
     rings = _check_rings(rings)
     n = len(vertices)
     folder = None if cache is False else (cache_dir() if cache is True else Path(cache)) / "geodesic"
@@ -245,6 +239,43 @@ def geodesic_table(vertices, faces, cutoff_mm: float, rings: int = 3, cache=True
         with atomic_path(folder / f"{stem}-c{cutoff_mm:.6g}mm.npz") as tmp:
             np.savez(tmp, data=t.data, indices=t.indices, indptr=t.indptr, cutoff_mm=cutoff_mm, rings=int(rings))
     return t
+
+# %% ../nbs/04_geodesic.ipynb #d4000010
+def table_errors(exact: np.ndarray, estimates: dict, cutoff_mm: float, table: str = "ours") -> tuple[dict, int]:
+    """Relative errors |estimate / exact - 1| per method (`estimates`: name -> distances of the same pairs, inf where a
+    method has none), over the pairs closer than `cutoff_mm` that the table `estimates[table]` holds; and how many pairs
+    closer than 0.9 `cutoff_mm` the table misses (it must miss none)."""
+    ours = estimates[table]
+    within = exact < cutoff_mm
+    missing = int(np.sum((exact < 0.9 * cutoff_mm) & ~np.isfinite(ours)))
+    both = within & np.isfinite(ours)
+    return {name: np.abs(est[both] / exact[both] - 1) for name, est in estimates.items()}, missing
+
+
+# %% ../nbs/04_geodesic.ipynb #d4000001
+def straight_line(a, b=None, hemi_a=None, hemi_b=None, pairs: bool = False):
+    """Straight-line distances (mm), infinite across hemispheres; numpy or torch (the type of `a`).
+
+    All pairs: a (n, 3), b (m, 3) (default a) -> (n, m). With `pairs`: row p of a with row p of b -> (p,).
+    `hemi_a`, `hemi_b` (hemisphere indices; `hemi_b` defaults to `hemi_a`) make pairs across hemispheres inf."""
+    is_t = isinstance(a, torch.Tensor)
+    b = a if b is None else b
+    hemi_b = hemi_a if hemi_b is None else hemi_b
+    if is_t:
+        a, b = a.to(torch.float64), torch.as_tensor(b, dtype=torch.float64, device=a.device)
+        d = (a - b).norm(dim=-1) if pairs else torch.cdist(a[None], b[None])[0]
+    else:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        d = np.linalg.norm(a - b, axis=-1) if pairs else cdist(a, b)
+    if hemi_a is None:
+        return d
+    if is_t:
+        ha, hb = torch.as_tensor(hemi_a, device=d.device), torch.as_tensor(hemi_b, device=d.device)
+        other = (ha != hb) if pairs else (ha[:, None] != hb[None, :])
+        return d.masked_fill(other, math.inf)
+    ha, hb = np.asarray(hemi_a), np.asarray(hemi_b)
+    return np.where((ha != hb) if pairs else (ha[:, None] != hb[None, :]), np.inf, d)
+
 
 # %% ../nbs/04_geodesic.ipynb #6c41a917
 def table_pairs(table: sp.csr_matrix, vertex: np.ndarray):
@@ -295,7 +326,7 @@ class SurfaceDistances:
 
     def __init__(self, ref, cutoff_mm: float = 30.0, rings: int = 3, cache=True, progress: bool = True):
         self.ref, self.rings, self.cache, self.progress = ref, rings, cache, progress
-        self.cutoff_mm = _check_positive(cutoff_mm, "cutoff_mm")
+        self.cutoff_mm = check_number(cutoff_mm, "cutoff_mm", positive=True)
         self._tables, self._graphs = {}, {}
 
     def table(self, hemi) -> sp.csr_matrix:
@@ -314,7 +345,7 @@ class SurfaceDistances:
         h = self._hemi_name(hemi)
         if h not in self._graphs:
             self._graphs[h] = surface_graph(self.ref.mid[h], self.ref.faces[h], self.rings)
-        return geodesic_rows(self._graphs[h], sources, _check_positive(limit_mm, "limit_mm"))
+        return geodesic_rows(self._graphs[h], sources, check_number(limit_mm, "limit_mm", positive=True))
 
     def _hemi_name(self, hemi) -> str:
         hemis = self.ref.hemis
@@ -374,7 +405,6 @@ class SurfaceDistances:
 
         Only the pairs within the cutoff are evaluated and scattered into zeros (most pairs of a batch are farther):
         from the table for the geodesic metric, from a k-d tree per hemisphere for the straight line."""
-        import torch
         dtype = dtype or torch.float32
         if metric in ("euclidean", "straight_line"):
             i, j, d, first = self.straight_line_pairs(hemi, vertex, allow_far)
@@ -389,7 +419,6 @@ class SurfaceDistances:
 
     def straight_line_pairs(self, hemi, vertex, allow_far: bool = False):
         "The batch's straight-line pairs closer than the cutoff, same hemisphere: i, j (p,), d (p,) mm, `first` (n,)."
-        from scipy.spatial import cKDTree
         hemi, vertex = self._samples(hemi, vertex, allow_far)
         ii, jj, dd = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
         for k, h in enumerate(self.ref.hemis):
@@ -431,20 +460,24 @@ class SurfaceDistances:
         loc = self.ref.locate(xyz)
         return self.matrix(loc.hemi, loc.vertex, kind, allow_far), loc
 
+# %% ../nbs/04_geodesic.ipynb #d4000011
+def straight_over_geodesic(geodesic_mm: np.ndarray, straight_mm: np.ndarray, low_mm: float = 5.0,
+                           high_mm: float = 40.0) -> np.ndarray:
+    "Straight-line over geodesic distance of the pairs whose geodesic distance lies in [low_mm, high_mm] (flattened)."
+    m = (geodesic_mm >= low_mm) & (geodesic_mm <= high_mm)
+    return straight_mm[m] / geodesic_mm[m]
+
+
 # %% ../nbs/04_geodesic.ipynb #7f342ca4
 WEIGHT_KINDS = ("gaussian", "threshold")
 
 
 def geodesic_weights(dist_mm, sigma_mm: float, kind: str = "gaussian"):
     "Weights from distances (mm): 'gaussian' exp(-d^2/2 sigma^2) or 'threshold' 1[d < sigma]; inf -> 0. numpy or torch."
-    sigma = _check_positive(sigma_mm, "sigma_mm")
+    sigma = check_number(sigma_mm, "sigma_mm", positive=True)
     if kind not in WEIGHT_KINDS:
         raise DataError(f"unknown weight kind '{kind}': expected one of {WEIGHT_KINDS}", field="kind")
-    try:
-        import torch
-        is_torch = isinstance(dist_mm, torch.Tensor)
-    except ImportError:
-        is_torch = False
+    is_torch = isinstance(dist_mm, torch.Tensor)
     if is_torch:
         d = dist_mm if dist_mm.is_floating_point() else dist_mm.float()
         if not bool((d >= 0).all()):  # one pass catches NaN (NaN >= 0 is False) and negatives
@@ -469,11 +502,49 @@ def geodesic_weights(dist_mm, sigma_mm: float, kind: str = "gaussian"):
 def effective_positives(weights):
     "Sum of each row's off-diagonal weights (n,): how many positives a sample effectively has."
     n = weights.shape[0]
-    try:
-        import torch
-        if isinstance(weights, torch.Tensor):
-            return weights.sum(1) - torch.diagonal(weights)
-    except ImportError:
-        pass
+    if isinstance(weights, torch.Tensor):
+        return weights.sum(1) - torch.diagonal(weights)
     w = np.asarray(weights)
     return w.sum(1) - np.diagonal(w) if n else w.sum(1)
+
+# %% ../nbs/04_geodesic.ipynb #d4000012
+def vertex_areas(ref) -> np.ndarray:
+    """Probability of each vertex (left hemisphere's first, then the right's) for drawing points uniformly over the
+    labelled cortex: a third of the area of each face around it, 0 for vertices without an area; sums to 1."""
+    area_w = {}
+    for h in ref.hemis:
+        vh, fh = ref.mid[h], ref.faces[h]
+        fa = np.linalg.norm(np.cross(vh[fh[:, 1]] - vh[fh[:, 0]], vh[fh[:, 2]] - vh[fh[:, 0]]), axis=1) / 6  # a third of each face
+        a = np.zeros(len(vh))
+        for k in range(3):
+            np.add.at(a, fh[:, k], fa)
+        area_w[h] = np.where(ref.labels[h] > 0, a, 0.0)
+    p_all = np.concatenate([area_w[h] for h in ref.hemis])
+    p_all /= p_all.sum()
+    return p_all
+
+
+def positives_by_sigma(dist_mm, sigmas_mm, kind: str = "gaussian") -> list[float]:
+    "Mean effective positives per sample of a batch's distances `dist_mm` (n, n), for each weight width in `sigmas_mm`."
+    return [float(np.mean(effective_positives(geodesic_weights(dist_mm, s, kind)))) for s in sigmas_mm]
+
+
+# %% ../nbs/04_geodesic.ipynb #d4000013
+def geodesic_metrics(cutoff_mm: float, rings: int, seconds: dict, err: dict, missing: int, tables: dict,
+                     ratio: np.ndarray, effective: dict) -> dict:
+    """What metrics.json records under `geodesic`: the table's settings and time (both hemispheres), the relative
+    errors of `table_errors` (median and 95th percentile of the table's; medians of plain Dijkstra and the heat
+    method), the pairs it misses, its pairs per vertex (mean over hemispheres), the mean straight/geodesic ratio and
+    the effective positives by batch size and sigma."""
+    return {"geodesic": {
+        "cutoff_mm": cutoff_mm, "rings": rings,
+        "table_seconds": float(sum(seconds.values())),  # both hemispheres' tables, built or read from the cache
+        "median_rel_error": float(np.median(err["ours"])), "p95_rel_error": float(np.percentile(err["ours"], 95)),
+        "plain_dijkstra_median_rel_error": float(np.median(err["plain Dijkstra"])),
+        "heat_method_median_rel_error": float(np.median(err["heat method"])),
+        "missing_within_0.9_cutoff": missing,
+        "pairs_per_vertex": float(np.mean([t.nnz / t.shape[0] for t in tables.values()])),
+        "straight_over_geodesic_5_40mm_mean": float(ratio.mean()),
+        "effective_positives": effective,
+    }}
+

@@ -5,19 +5,20 @@
 # %% ../nbs/06_models.ipynb #892e12b4
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .core import DataError
+from .core import DataError, check_number
+from .core import progress as progress_bar
 
 # %% auto #0
 __all__ = ['MODALITY_CHANNELS', 'CHANNEL_NAMES', 'PLI_CHANNELS', 'NISSL_CHANNELS', 'ARCHS', 'encode_pli', 'PLIEncoding',
            'input_channels', 'BasicBlock', 'Bottleneck', 'ResNet', 'QuickEncoder', 'Encoder', 'build_encoder',
-           'count_parameters', 'ProjectionHead', 'ContrastiveModel', 'PairModel', 'embed', 'measure_throughput']
+           'count_parameters', 'ProjectionHead', 'ContrastiveModel', 'PairModel', 'embed', 'measure_throughput',
+           'encoder_table', 'encoder_metrics']
 
 # %% ../nbs/06_models.ipynb #2c30fb27
 MODALITY_CHANNELS = {"nissl": 1, "pli": 3}  # channels of a patch as sections store it
@@ -196,8 +197,9 @@ def build_encoder(arch: str, modality: str = "nissl", width: float = 1.0, device
     "An `Encoder` for patches of `modality` by name: 'quick', 'resnet18', 'resnet34', 'resnet50'."
     if arch not in ARCHS:
         raise DataError(f"unknown encoder '{arch}': expected one of {sorted(ARCHS)}", field="arch")
-    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
+    if not isinstance(width, (int, float)):  # a string would pass float()
         raise DataError(f"width must be a positive number, got {width!r}", field="width")
+    check_number(width, "width", positive=True)
     enc = Encoder(ARCHS[arch](input_channels(modality), float(width)), modality)
     return enc if device is None else enc.to(device)
 
@@ -262,7 +264,6 @@ def embed(encoder: nn.Module, images, device="cpu", batch: int = 256, num_worker
           progress: bool = False) -> np.ndarray:
     """Backbone features (n, D) float32, L2-normalised, of `images`: an array or tensor (n, C, H, W), or a dataset of
     patches (read through a DataLoader with `num_workers` workers, so that it never needs to fit in memory)."""
-    from cytoclr.core import progress as progress_bar
     encoder = encoder.to(device).eval()
     if isinstance(images, torch.utils.data.Dataset):
         loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=False, num_workers=num_workers)
@@ -304,3 +305,23 @@ def measure_throughput(model: nn.Module, in_channels: int, px: int, batch: int, 
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return batch / sorted(times)[len(times) // 2]
+
+
+def encoder_table(archs, px: int, batch: int, repeats: int = 3, width: float = 1.0, device="cpu") -> list[dict]:
+    """One row per architecture (Nissl input): its width, parameters (millions), feature size, the batch it was timed
+    with (8x `batch` for the quick encoder, which is small) and its training images/s (`measure_throughput`)."""
+    rows = []
+    for arch in archs:
+        w = 1.0 if arch == "quick" else width
+        enc = build_encoder(arch, "nissl", w)
+        b = 8 * batch if arch == "quick" else batch
+        ips = measure_throughput(enc, NISSL_CHANNELS, px, b, repeats, device)
+        rows.append({"arch": arch, "width": w, "params_M": count_parameters(enc) / 1e6, "out_dim": enc.out_dim,
+                     "batch": b, "images_per_second": ips})
+    return rows
+
+
+def encoder_metrics(rows: list[dict], px: int) -> dict:
+    "What metrics.json records of `encoder_table`'s rows under `encoders`: parameters, features, batch, images/s, patch size."
+    return {r["arch"]: {"params": int(round(r["params_M"] * 1e6)), "out_dim": r["out_dim"], "batch": r["batch"],
+                        "images_per_second": round(r["images_per_second"], 1), "patch_px": px} for r in rows}

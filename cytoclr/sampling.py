@@ -11,18 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
-from .core import DataError, atomic_path
+from .augment import Augment  # chapter 3a; PatchDataset applies it, other chapters import it from here
+from .core import DataError, atomic_path, check_number
 from .core import progress as progress_bar
+from .geodesic import SurfaceDistances, effective_positives, geodesic_weights, straight_line  # chapter 4
+_all_ = ["Augment"]  # re-exported: `from cytoclr.sampling import Augment` keeps working
+
 
 # %% auto #0
-__all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'PLI_DIRECTION', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations',
-           'mask_grid', 'grid_locations', 'section_background', 'extract_patch', 'Augment', 'PatchDataset',
-           'straight_line', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
-           'NeighbourhoodBatchSampler']
+__all__ = ['MAX_MASK_CELLS', 'EMPTY_GLASS', 'Samples', 'cell_area_mm2', 'sampling_level', 'sample_locations', 'mask_grid',
+           'grid_locations', 'section_background', 'extract_patch', 'depth_window', 'depth_coverage', 'span_summary',
+           'PatchDataset', 'euclidean_pairs', 'GeodesicPairs', 'resolve_distance', 'pairwise_distances',
+           'NeighbourhoodBatchSampler', 'cortex_area_mm2', 'batch_composition', 'uniform_cortex_positives',
+           'sampling_metrics', 'Augment']
 
 # %% ../nbs/03_sampling.ipynb #569e0488
 @dataclass
@@ -227,12 +230,7 @@ def _as_samples(sections, sec_idx, rc, xyz, hemi, vertex, area, depth, ref) -> S
 def mask_grid(section, step_mm: float, level: int | str = "auto") -> np.ndarray:
     """Pixel positions (p, 2) (row, col) of a regular square grid of `step_mm` whose cells of the section's
     `cortex_mask` are set, half a step from the edges: patch centres of a frame, or of a section without a transform."""
-    try:
-        step_mm = float(step_mm)
-    except (TypeError, ValueError):
-        raise DataError(f"step_mm must be a number, got {step_mm!r}", field="step_mm") from None
-    if not (math.isfinite(step_mm) and step_mm > 0):
-        raise DataError(f"step_mm must be finite and > 0, got {step_mm}", field="step_mm")
+    step_mm = check_number(step_mm, "step_mm", positive=True)
     lv = sampling_level(section, level)
     m = np.asarray(section.cortex_mask(lv))
     step_px = step_mm * 1000.0 / float(section.spacing_um)  # grid step in full-resolution pixels
@@ -306,170 +304,48 @@ def extract_patch(section, rc, size_px: int, fill=None) -> np.ndarray:
         out[:, ra - r0:rb - r0, ca - c0:cb - c0] = section.read(slice(ra, rb), slice(ca, cb))
     return out
 
-# %% ../nbs/03_sampling.ipynb #5fea5d78
-PLI_DIRECTION = 2  # channel of the fibre direction (degrees in [0, 180)) in a PLI patch
+# %% ../nbs/03_sampling.ipynb #e3000010
+def depth_window(sec, rc, half_px: int, ref=None) -> np.ndarray:
+    """Cortical depth (h, w) of the window of half-side `half_px` around `rc`, NaN outside the cortex or the image:
+    the section's ground truth when it has one (the phantom), else the depth `ref.locate` gives its registered pixels."""
+    r, c = int(round(rc[0])), int(round(rc[1]))
+    out = np.full((2 * half_px + 1, 2 * half_px + 1), np.nan)
+    r0, r1 = max(r - half_px, 0), min(r + half_px + 1, sec.shape[0])
+    c0, c1 = max(c - half_px, 0), min(c + half_px + 1, sec.shape[1])
+    if hasattr(sec, "ground_truth"):
+        d = sec.ground_truth(slice(r0, r1), slice(c0, c1))["depth"]
+    else:
+        rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+        loc = ref.locate(sec.to_reference(np.stack([rr.ravel(), cc.ravel()], 1)))
+        d = np.where(loc.inside, loc.depth, np.nan).reshape(rr.shape)
+    out[r0 - r + half_px:r1 - r + half_px, c0 - c + half_px:c1 - c + half_px] = d
+    return out
 
 
-class Augment:
-    """Random, modality-aware augmentation of one patch, or of a whole batch at once (`apply_batch`).
-
-    Geometry: rotation by theta in [0, 360) (counter-clockwise as displayed, row 0 at the top) and a
-    left-right flip; intensity: gain/offset ("contrast"/"intensity") jitter; a gaussian blur of
-    random width. For PLI (channels transmittance, retardation, direction_deg) the direction is an
-    axial angle measured counter-clockwise from the +column axis, so it is resampled as the doubled-
-    angle vector (cos 2phi, sin 2phi) and then turned with the image: rotation phi -> phi + theta,
-    flip phi -> -phi (mod 180)."""
-
-    def __init__(self, modality: str = "nissl", rotate: bool = True, flip: bool = True, intensity: float = 0.1,
-                 contrast: float = 0.1, blur: float = 0.5, seed: int = 0):
-        if modality not in ("nissl", "pli"):
-            raise DataError(f"modality must be 'nissl' or 'pli', got {modality!r}", field="modality")
-        for name, v in (("intensity", intensity), ("contrast", contrast), ("blur", blur)):
-            if not (np.isfinite(v) and v >= 0):
-                raise DataError(f"{name} must be finite and >= 0, got {v}", field=name)
-        self.modality, self.rotate, self.flip = modality, bool(rotate), bool(flip)
-        self.intensity, self.contrast, self.blur = float(intensity), float(contrast), float(blur)
-        self.seed = seed
-        self._rng = np.random.default_rng(seed)
-
-    def __repr__(self):
-        return (f"Augment({self.modality!r}, rotate={self.rotate}, flip={self.flip}, intensity={self.intensity}, "
-                f"contrast={self.contrast}, blur={self.blur})")
-
-    def crop_px(self, size: int) -> int:
-        "Side of the window to read so that any rotation of it still covers a `size` patch."
-        if not self.rotate:
-            return int(size)
-        c = int(math.ceil(size * math.sqrt(2))) + 2
-        return c + ((c - size) % 2)  # same parity: the centres coincide
-
-    def draw(self, rng) -> dict:
-        "Random parameters of one view."
-        return dict(theta=float(rng.uniform(0, 360)) if self.rotate else 0.0,
-                    flip=bool(rng.random() < 0.5) if self.flip else False,
-                    gain=float(rng.uniform(1 - self.contrast, 1 + self.contrast)),
-                    offset=float(rng.uniform(-self.intensity, self.intensity)),
-                    sigma=float(rng.uniform(0, self.blur)))
-
-    def __call__(self, crop: np.ndarray, size: int | None = None, rng=None) -> np.ndarray:
-        "One augmented (C, size, size) view of `crop` (C, h, w) (read with `crop_px(size)`)."
-        rng = self._rng if rng is None else rng
-        return self.apply(crop, size, **self.draw(rng))
-
-    def _check(self, shape, size):
-        if len(shape) != 3 or shape[1] != shape[2]:
-            raise DataError(f"patch must be (C, h, h), got {tuple(shape)}", field="patch")
-        size = shape[1] if size is None else int(size)
-        if (shape[1] - size) % 2 or size > shape[1]:
-            raise DataError(f"crop of {shape[1]} px cannot be centred on a {size} px patch", field="size")
-        if self.modality == "pli" and shape[0] != 3:
-            raise DataError(f"a PLI patch has 3 channels (transmittance, retardation, direction), got {shape[0]}",
-                            field="channels")
-        return size
-
-    def apply(self, crop: np.ndarray, size: int | None = None, theta: float = 0.0, flip: bool = False,
-              gain: float = 1.0, offset: float = 0.0, sigma: float = 0.0) -> np.ndarray:
-        "Deterministic augmentation with given parameters (theta in degrees): the reference for `apply_batch`."
-        x = np.asarray(crop, np.float32)
-        size = self._check(x.shape, size)
-        pli = self.modality == "pli"
-        if pli:
-            phi = np.deg2rad(x[PLI_DIRECTION]) * 2  # doubled angle: 0 and 180 deg are the same direction
-            x = np.concatenate([x[:PLI_DIRECTION], np.cos(phi)[None], np.sin(phi)[None]])  # (4, h, w)
-        x = _rotate_flip(x, size, theta, flip)  # (C', size, size)
-        if sigma > 0.05:
-            x = gaussian_filter(x, sigma=(0, sigma, sigma), mode="nearest")
-        n_int = 2 if pli else x.shape[0]  # intensity channels
-        xi = x[:n_int]
-        mean = xi.mean(axis=(1, 2), keepdims=True)
-        x[:n_int] = (xi - mean) * gain + mean + offset
-        if pli:
-            ang = np.arctan2(x[3], x[2]) / 2  # back to an axial angle, radians
-            ang = ang + np.deg2rad(theta)
-            if flip:
-                ang = -ang
-            d = np.mod(np.rad2deg(ang), 180.0).astype(np.float32)
-            x = np.concatenate([x[:2], d[None]])
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def apply_batch(self, crops: torch.Tensor, size: int, theta, flip, gain, offset, sigma) -> torch.Tensor:
-        """`apply` for a whole batch in a few tensor operations: crops (B, C, h, h), parameters (B,) each
-        -> (B, C, size, size) float32. One `grid_sample` turns and flips every view, one grouped convolution
-        blurs them (each with its own sigma), and the intensity jitter is a broadcast."""
-        x = torch.as_tensor(crops, dtype=torch.float32)
-        if x.ndim != 4:
-            raise DataError(f"a batch of patches must be (B, C, h, h), got {tuple(x.shape)}", field="patch")
-        size = self._check(x.shape[1:], size)
-        B, h = x.shape[0], x.shape[-1]
-        p = {k: torch.as_tensor(np.asarray(v, np.float64)).reshape(B) for k, v in
-             dict(theta=theta, flip=flip, gain=gain, offset=offset, sigma=sigma).items()}
-        pli = self.modality == "pli"
-        if pli:
-            phi = torch.deg2rad(x[:, PLI_DIRECTION]) * 2  # (B, h, h) doubled angle
-            x = torch.cat([x[:, :PLI_DIRECTION], torch.cos(phi)[:, None], torch.sin(phi)[:, None]], 1)  # (B, 4, h, h)
-        # rotation + flip: the same sampling grid as `_rotate_flip`, one per view
-        # in normalised coordinates: source = s R(theta) diag(flip, 1) output, s = (size - 1) / (h - 1)
-        a, s = torch.deg2rad(p["theta"] % 360.0), (size - 1) / (h - 1)
-        f = torch.where(p["flip"] > 0, -1.0, 1.0).double()
-        A = torch.zeros(B, 2, 3, dtype=torch.float64)
-        A[:, 0, 0], A[:, 0, 1] = s * torch.cos(a) * f, -s * torch.sin(a)
-        A[:, 1, 0], A[:, 1, 1] = s * torch.sin(a) * f, s * torch.cos(a)
-        grid = F.affine_grid(A, (B, x.shape[1], size, size), align_corners=True).float()  # (B, size, size, 2)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (B, C', size, size)
-        x = _blur_batch(x, p["sigma"])
-        n_int = 2 if pli else x.shape[1]
-        xi = x[:, :n_int]
-        mean = xi.mean(dim=(2, 3), keepdim=True)
-        g, o = p["gain"].float()[:, None, None, None], p["offset"].float()[:, None, None, None]
-        x = torch.cat([(xi - mean) * g + mean + o, x[:, n_int:]], 1)
-        if pli:
-            ang = torch.atan2(x[:, 3], x[:, 2]) / 2 + torch.deg2rad(p["theta"]).float()[:, None, None]
-            ang = torch.where(p["flip"][:, None, None] > 0, -ang, ang)
-            x = torch.cat([x[:, :2], torch.remainder(torch.rad2deg(ang), 180.0)[:, None]], 1)
-        return x.contiguous()
+def depth_coverage(sections: list, samples: Samples, fovs_mm, n: int, ref=None) -> tuple[np.ndarray, np.ndarray]:
+    """For the first `n` samples and each field of view (mm, square windows at the first section's spacing): the share
+    of the depth range (pia 0 to white matter 1) the window sees, and whether it sees both ends (depths <= 0.1 and
+    >= 0.9). Two arrays (n, len(fovs_mm)); rows of windows that see no cortex, and beyond the samples, stay 0."""
+    fovs = np.asarray(fovs_mm, float)
+    spacing = sections[0].spacing_um
+    half = int(np.ceil(fovs.max() * 1000 / spacing / 2))
+    seen_range, spans = np.zeros((n, len(fovs))), np.zeros((n, len(fovs)), bool)
+    for i in range(min(n, len(samples))):  # a few hundred windows: a loop is fine here
+        d = depth_window(sections[int(samples.section[i])], samples.rc[i], half, ref)
+        for j, f in enumerate(fovs):
+            h = int(round(f * 1000 / spacing / 2))
+            w = d[half - h:half + h + 1, half - h:half + h + 1]
+            if np.isfinite(w).any():
+                lo, hi = np.nanmin(w), np.nanmax(w)
+                seen_range[i, j], spans[i, j] = hi - lo, (lo <= 0.1) & (hi >= 0.9)
+    return seen_range, spans
 
 
-def _blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    "Gaussian blur of each image (B, C, H, W) with its own sigma (B,) px, as scipy's `gaussian_filter` (truncate 4, nearest)."
-    on = sigma > 0.05  # as `apply`: narrower blurs are skipped
-    if not bool(on.any()):
-        return x
-    r = int(4.0 * float(sigma.max()) + 0.5)
-    k = torch.arange(-r, r + 1, dtype=torch.float64)  # (K,)
-    s = sigma.clamp_min(1e-3)[:, None]
-    w = torch.exp(-0.5 * (k[None] / s) ** 2) * (k[None].abs() <= (4.0 * s + 0.5).floor())  # (B, K), scipy's radius
-    w = torch.where(on[:, None], w / w.sum(1, keepdim=True), (k[None] == 0).double())  # identity where off
-    B, C, H, W = x.shape
-    wk = w.float().repeat_interleave(C, 0)  # (B*C, K)
-    y = F.pad(x.reshape(1, B * C, H, W), (r, r, 0, 0), mode="replicate")
-    y = F.conv2d(y, wk[:, None, None, :], groups=B * C)  # along columns
-    y = F.pad(y, (0, 0, r, r), mode="replicate")
-    y = F.conv2d(y, wk[:, None, :, None], groups=B * C)  # along rows
-    return y.reshape(B, C, H, W)
+def span_summary(fovs_mm, seen_range: np.ndarray, spans: np.ndarray) -> dict:
+    "metrics.json's `spans_cortex`: per field of view ('4mm'), the mean share of the depth range seen and of spanning windows."
+    return {f"{f:g}mm": dict(depth_range_seen=float(seen_range[:, j].mean()), spans=float(spans[:, j].mean()))
+            for j, f in enumerate(fovs_mm)}
 
-
-def _rotate_flip(x: np.ndarray, size: int, theta: float, flip: bool) -> np.ndarray:
-    "Rotate (C, h, h) by `theta` degrees counter-clockwise as displayed, flip left-right, crop the centre `size`."
-    h = x.shape[1]
-    off = (h - size) // 2
-    t = float(theta) % 360.0
-    if t % 90 == 0:  # exact, no interpolation
-        y = np.rot90(x, k=int(t // 90), axes=(1, 2))  # rot90 turns counter-clockwise as displayed
-        y = y[:, off:off + size, off:off + size]
-        return np.array(y[:, :, ::-1] if flip else y, np.float32)  # a copy: never alias the input
-    c = (h - 1) / 2.0
-    d = np.arange(size) - (size - 1) / 2.0  # offsets from the centre, px
-    dr, dc = np.meshgrid(d, d, indexing="ij")  # (size, size) output offsets
-    if flip:
-        dc = -dc
-    a = np.deg2rad(t)
-    # output pixel p_out = R(theta) p_in in (x = col, y = -row) coordinates -> sample p_in = R(-theta) p_out
-    src_c = np.cos(a) * dc - np.sin(a) * dr + c
-    src_r = np.sin(a) * dc + np.cos(a) * dr + c
-    grid = np.stack([src_c / (h - 1) * 2 - 1, src_r / (h - 1) * 2 - 1], -1)[None]  # (1, size, size, 2) x, y
-    out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(x))[None], torch.from_numpy(grid).float(),
-                        mode="bilinear", padding_mode="border", align_corners=True)
-    return out[0].numpy()
 
 # %% ../nbs/03_sampling.ipynb #979e4978
 class PatchDataset(torch.utils.data.Dataset):
@@ -575,31 +451,6 @@ class PatchDataset(torch.utils.data.Dataset):
         return [dict(image=x[b] if self.views > 1 else x[b, 0], **self._meta(i)) for b, i in enumerate(idx)]
 
 # %% ../nbs/03_sampling.ipynb #ea187151
-def straight_line(a, b=None, hemi_a=None, hemi_b=None, pairs: bool = False):
-    """Straight-line distances (mm), infinite across hemispheres; numpy or torch (the type of `a`).
-
-    All pairs: a (n, 3), b (m, 3) (default a) -> (n, m). With `pairs`: row p of a with row p of b -> (p,).
-    `hemi_a`, `hemi_b` (hemisphere indices; `hemi_b` defaults to `hemi_a`) make pairs across hemispheres inf."""
-    is_t = isinstance(a, torch.Tensor)
-    b = a if b is None else b
-    hemi_b = hemi_a if hemi_b is None else hemi_b
-    if is_t:
-        a, b = a.to(torch.float64), torch.as_tensor(b, dtype=torch.float64, device=a.device)
-        d = (a - b).norm(dim=-1) if pairs else torch.cdist(a[None], b[None])[0]
-    else:
-        from scipy.spatial.distance import cdist
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        d = np.linalg.norm(a - b, axis=-1) if pairs else cdist(a, b)
-    if hemi_a is None:
-        return d
-    if is_t:
-        ha, hb = torch.as_tensor(hemi_a, device=d.device), torch.as_tensor(hemi_b, device=d.device)
-        other = (ha != hb) if pairs else (ha[:, None] != hb[None, :])
-        return d.masked_fill(other, math.inf)
-    ha, hb = np.asarray(hemi_a), np.asarray(hemi_b)
-    return np.where((ha != hb) if pairs else (ha[:, None] != hb[None, :]), np.inf, d)
-
-
 def euclidean_pairs(samples: Samples, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     "Straight-line distance (mm) between the centres of samples i (p,) and j (p,); inf across hemispheres."
     return straight_line(samples.xyz[i], samples.xyz[j], samples.hemi[i], samples.hemi[j], pairs=True)
@@ -615,7 +466,6 @@ class GeodesicPairs:
         if surface is None:
             if ref is None:
                 raise DataError("GeodesicPairs needs a reference brain or a SurfaceDistances", field="ref")
-            from cytoclr.geodesic import SurfaceDistances
             surface = SurfaceDistances(ref, cutoff_mm=cutoff_mm, progress=progress)
         self.surface = surface
         self.hemis, self.cutoff_mm = surface.ref.hemis, float(surface.cutoff_mm)
@@ -648,15 +498,10 @@ def resolve_distance(distance, ref=None, cutoff_mm: float = 30.0):
     if distance == "euclidean":
         return "euclidean", euclidean_pairs
     if distance in ("geodesic", "auto"):
-        try:
-            import cytoclr.geodesic  # noqa: F401
-            ok = ref is not None
-        except ImportError:
-            ok = False
-        if ok:
+        if ref is not None:
             return "geodesic", GeodesicPairs(ref, cutoff_mm)
         if distance == "geodesic":
-            raise DataError("geodesic distances need cytoclr.geodesic and a reference brain (ref=...)", field="distance")
+            raise DataError("geodesic distances need a reference brain (ref=...)", field="distance")
         return "euclidean", euclidean_pairs
     raise DataError(f"distance must be 'euclidean', 'geodesic', 'auto' or a function, got {distance!r}", field="distance")
 
@@ -692,8 +537,7 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler):
             raise DataError(f"batch_size must be in [2, {n}] (number of samples), got {batch_size}", field="batch_size")
         if k < 0 or k + 1 > batch_size:
             raise DataError(f"k must be in [0, batch_size - 1], got {k}", field="k")
-        if not (np.isfinite(radius_mm) and radius_mm > 0):
-            raise DataError(f"radius_mm must be finite and > 0, got {radius_mm}", field="radius_mm")
+        check_number(radius_mm, "radius_mm", positive=True)
         if not (0 <= rank < world_size):
             raise DataError(f"rank {rank} not in [0, world_size={world_size})", field="rank")
         self.samples, self.batch_size, self.k, self.radius_mm = samples, int(batch_size), int(k), float(radius_mm)
@@ -769,3 +613,57 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for t in range(self.steps):
             yield self.batch(t).tolist()
+
+# %% ../nbs/03_sampling.ipynb #e3000011
+def cortex_area_mm2(ref) -> float:
+    "Area (mm^2) of the mid-thickness triangles whose three vertices belong to an area, both hemispheres."
+    total = 0.0
+    for h in ref.hemis:
+        v, f = ref.mid[h], ref.faces[h]
+        keep = (ref.labels[h][f] > 0).all(1)
+        e1, e2 = v[f[keep, 1]] - v[f[keep, 0]], v[f[keep, 2]] - v[f[keep, 0]]
+        total += 0.5 * np.linalg.norm(np.cross(e1, e2), axis=1).sum()
+    return float(total)
+
+
+def batch_composition(samples: Samples, sampler, dist_fn, radius_mm: float, sigma_mm: float, n_batches: int) -> dict:
+    """What the first `n_batches` batches of `sampler` hold, averaged over batches: effective positives per sample
+    (the row sums of chapter 4's gaussian weights of width `sigma_mm`, without the diagonal), partners closer than
+    `radius_mm` per sample, and of those partners the shares on another section and in another brain (NaN if none)."""
+    eff, close, other_sec, other_brain = [], [], [], []
+    for t in range(min(n_batches, len(sampler))):
+        idx = sampler.batch(t)
+        d = pairwise_distances(samples, idx, dist_fn)
+        near = (d < radius_mm) & ~np.eye(len(idx), dtype=bool)  # (b, b) partners closer than the radius
+        eff.append(float(np.mean(effective_positives(geodesic_weights(d, sigma_mm)))))
+        close.append(near.sum(1).mean())
+        if near.any():
+            ii, jj = np.nonzero(near)
+            other_sec.append((samples.section[idx[ii]] != samples.section[idx[jj]]).mean())
+            other_brain.append((samples.brain[idx[ii]] != samples.brain[idx[jj]]).mean())
+    return dict(effective=float(np.mean(eff)), close=float(np.mean(close)),
+                other_section=float(np.mean(other_sec)) if other_sec else float("nan"),
+                other_brain=float(np.mean(other_brain)) if other_brain else float("nan"), n_batches=len(eff))
+
+
+def uniform_cortex_positives(batch: int, sigma_mm: float, radius_mm: float, area_mm2: float) -> dict:
+    """The same two numbers for a batch drawn uniformly over a cortex of `area_mm2`, analytically (a flat sheet):
+    each of the other batch - 1 samples adds 2 pi sigma^2 / A effective positives and lies closer than r with
+    probability pi r^2 / A."""
+    return dict(effective=(batch - 1) * 2 * np.pi * sigma_mm ** 2 / area_mm2,
+                close=(batch - 1) * np.pi * radius_mm ** 2 / area_mm2)
+
+
+# %% ../nbs/03_sampling.ipynb #e3000012
+def sampling_metrics(samples: Samples, sample_seconds: float, distance: str, cortex_area: float, spans: dict,
+                     positives: list, speed: dict) -> dict:
+    """What metrics.json records under `sampling`: the number of locations and the time to draw them, the distance
+    of the neighbourhoods, the reference's cortex area (`cortex_area_mm2`), `span_summary`, the rows of
+    `batch_composition` / `uniform_cortex_positives` keyed "<batches>_<batch size>", and the loader's speed."""
+    return {"sampling": {
+        "n_locations": len(samples), "sample_seconds": sample_seconds, "distance": distance, "cortex_area_mm2": cortex_area,
+        "spans_cortex": spans,
+        "positives": {f"{r['batches']}_{r['batch']}": {k: r[k] for k in ("effective", "close", "other_section", "other_brain")}
+                      for r in positives},
+        "speed": speed}}
+

@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import csv
 import dataclasses
-import hashlib
-import itertools
-import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -26,190 +23,33 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .losses import clip_loss_distributed, label_weights, spatial_nce_distributed, view_weights
-from .core import (DataError, atomic_path, parse_assignment, read_yaml_mapping, source_fingerprint,
-                          update_metrics)
+from .core import (DataError, MetricKeys as K, fork_map, parse_assignment, read_yaml_mapping, update_metrics,
+                          worker_count)
+from .core import progress as tqdm  # tqdm, its line mirrored to the runner's status
+from .geodesic import straight_line
+from .losses import clip_loss_distributed, spatial_nce_distributed
+from .sections import load_manifest
+# the pieces of the loop live in their own modules; later chapters import them from here, as before
+from .training_config import (CLIP_METHODS, METHODS, MODALITIES, RESUMABLE_CHANGES, TrainConfig, build_model,
+                                     lr_factor, make_optimizer, make_weighting)
+from .checkpoints import (LOG_FIELDS, checkpoint_path, load_checkpoint, load_encoder, load_model, log_dir,
+                                 read_log, rng_state, save_checkpoint, seed_everything, set_rng_state, truncate_log)
+from .training_data import (CODE_MODULES, BatchStream, DataConfig, build_data, load_training_samples, run_identity,
+                                   spread, surface_distances)
+_all_ = ["METHODS", "MODALITIES", "CLIP_METHODS", "RESUMABLE_CHANGES", "LOG_FIELDS", "CODE_MODULES", "TrainConfig",
+         "make_weighting", "lr_factor", "build_model", "make_optimizer", "BatchStream", "seed_everything",
+         "checkpoint_path", "log_dir", "save_checkpoint", "load_checkpoint", "read_log", "load_model", "load_encoder",
+         "DataConfig", "run_identity", "spread", "load_training_samples", "build_data", "surface_distances"]
+
 
 # %% auto #0
-__all__ = ['METHODS', 'MODALITIES', 'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig',
-           'make_weighting', 'lr_factor', 'BatchStream', 'init_distributed', 'resolve_device', 'seed_everything',
-           'build_model', 'make_optimizer', 'checkpoint_path', 'log_dir', 'save_checkpoint', 'load_checkpoint',
-           'TrainingDiverged', 'TrainResult', 'read_log', 'resume_mismatch', 'train', 'TrainJob', 'record_training',
-           'train_many', 'load_model', 'load_encoder', 'DataConfig', 'run_identity', 'spread', 'load_training_samples',
-           'build_data', 'surface_distances', 'split_config', 'build_parser', 'main']
-
-# %% ../nbs/07_training.ipynb #994889c2
-METHODS = ("geodesic", "euclidean", "supcon", "simclr", "random", "clip", "clip_geodesic")  # "random": untrained
-MODALITIES = ("nissl", "pli", "multimodal")  # "multimodal": a Nissl and a PLI encoder trained together (chapter 11)
-CLIP_METHODS = ("clip", "clip_geodesic")  # cross-modal: paired Nissl and PLI patches, the CLIP loss
-
-
-@dataclass
-class TrainConfig:
-    "All parameters of one training run (one method, one modality); stored in every checkpoint."
-    method: str = "geodesic"
-    modality: str = "nissl"  # what the encoder takes: Nissl (1 channel) or 3D-PLI (3 channels as stored)
-    # model (cytoclr.models)
-    arch: str = "quick"  # quick | resnet18 | resnet34 | resnet50
-    width: float = 1.0  # channel multiplier of the encoder
-    proj_hidden: int = 512  # projection head: encoder features -> hidden -> proj_dim
-    proj_dim: int = 128
-    # loss
-    tau: float = 0.1  # temperature
-    sigma_mm: float = 5.0  # width of the spatial weights (geodesic, euclidean)
-    weight_kind: str = "gaussian"  # gaussian | threshold (then sigma_mm is the radius)
-    # optimisation
-    steps: int = 300  # also the horizon of the cosine schedule: changing it changes every step, so it is not resumable
-    batch_size: int = 64  # locations per rank and step; images = batch_size * views
-    views: int = 2  # views per location (simclr needs 2)
-    lr: float = 2e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.05  # not applied to biases and normalisation parameters
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0  # max global gradient norm (0: off)
-    # bookkeeping
-    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
-    log_every: int = 10  # steps between TensorBoard points and progress-bar updates
-    seed: int = 0
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun each rank takes cuda:LOCAL_RANK
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; "bf16" | "none"
-    num_workers: int = 0  # DataLoader workers per rank
-
-    def validate(self) -> "TrainConfig":
-        "Raise `DataError` naming the field of the first bad value; return self."
-        def bad(name, msg):
-            raise DataError(f"{msg}, got {getattr(self, name)!r}", field=name)
-        if self.method not in METHODS:
-            bad("method", f"method must be one of {METHODS}")
-        if self.modality not in MODALITIES:
-            bad("modality", f"modality must be one of {MODALITIES}")
-        for name in ("steps", "batch_size", "views", "checkpoint_every", "log_every", "proj_hidden", "proj_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                bad(name, "must be a positive integer")
-        for name in ("warmup_steps", "num_workers", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                bad(name, "must be a non-negative integer")
-        for name in ("tau", "sigma_mm", "lr", "width"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-                bad(name, "must be a finite number > 0")
-        for name in ("weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                bad(name, "must be a finite number >= 0")
-        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
-            bad("min_lr_ratio", "must lie in [0, 1]")
-        if self.views > 2:
-            bad("views", "must be 1 or 2")
-        if self.method == "simclr" and self.views != 2:
-            bad("views", "simclr learns from two views of each location: views must be 2")
-        if (self.method in CLIP_METHODS) != (self.modality == "multimodal"):
-            bad("modality", "the CLIP methods train the 'multimodal' pair of encoders, the others one modality")
-        if self.method in CLIP_METHODS and self.views != 1:
-            bad("views", "a CLIP method pairs one Nissl and one PLI view of each location: views must be 1")
-        if self.weight_kind not in ("gaussian", "threshold"):
-            bad("weight_kind", "must be 'gaussian' or 'threshold'")
-        if self.amp not in ("auto", "bf16", "none"):
-            bad("amp", "must be 'auto', 'bf16' or 'none'")
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, file=None) -> "TrainConfig":
-        "A config from a mapping; unknown keys raise `DataError` (typos must not pass silently)."
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DataError(f"unknown training parameters {unknown}; known: {sorted(names)}", file=file, field=unknown[0])
-        return cls(**d).validate()
-
-
-# fields that may change between an interrupted run and its resumption without changing the result
-RESUMABLE_CHANGES = ("checkpoint_every", "log_every", "device", "num_workers")
-
-# %% ../nbs/07_training.ipynb #a5550095
-def make_weighting(method: str, sigma_mm: float = 5.0, kind: str = "gaussian", distances=None):
-    """(key names, weight_fn) of a method: the batch fields to gather and how they become (N, N) weights.
-
-    `distances`: a `cytoclr.geodesic.SurfaceDistances`, needed by "geodesic" and "euclidean". "euclidean" uses
-    the straight line between the same surface points as "geodesic" (the same cutoff and hemisphere rules), so
-    that the two differ only in the metric. Spatial weights are built by `SurfaceDistances.weights`, which
-    evaluates the weight function only on the pairs within the cutoff (most pairs of a batch are farther)."""
-    if method in ("geodesic", "euclidean"):
-        if not (hasattr(distances, "weights") and hasattr(distances, "matrix")):
-            raise DataError(f"the {method} method needs surface distances (cytoclr.geodesic.SurfaceDistances)",
-                            field="distances")
-
-        def spatial(hemi, vertex):  # (N,), (N,) -> (N, N) on their device
-            return distances.weights(hemi.cpu().numpy(), vertex.cpu().numpy(), sigma_mm, kind, metric=method,
-                                     device=hemi.device)
-        return ("hemi", "vertex"), spatial
-    if method == "supcon":
-        def fn(area):
-            known = (area > 0).float()  # (N,) area 0 = no area: never a positive
-            return label_weights(area) * known[:, None] * known[None, :]
-        return ("area",), fn
-    if method == "simclr":
-        return ("index",), lambda index: view_weights(index)
-    if method == "clip":  # only the pair itself is a positive: plain CLIP
-        return ("index",), lambda index: view_weights(index)
-    if method == "clip_geodesic":  # geodesic soft targets: pairs at nearby places are partial positives
-        return make_weighting("geodesic", sigma_mm, kind, distances)
-    raise DataError(f"no weighting for method '{method}'; expected one of {METHODS}", field="method")
-
-# %% ../nbs/07_training.ipynb #ac183f14
-def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
-    "Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then cosine decay."
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-# %% ../nbs/07_training.ipynb #41620c10
-class _BatchesFrom:
-    "The batches of `sampler` from position `start` on; uses `sampler.batch(t)` when it has one (no work for skipped batches)."
-
-    def __init__(self, sampler, start: int):
-        self.sampler, self.start = sampler, int(start)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.start)
-
-    def __iter__(self):
-        if hasattr(self.sampler, "batch"):
-            return (list(map(int, self.sampler.batch(t))) for t in range(self.start, len(self.sampler)))
-        return itertools.islice(iter(self.sampler), self.start, None)
-
-
-class BatchStream:
-    "Batches of one rank, restartable at (epoch, position): `stream.epoch(e, start)` yields dicts of tensors."
-
-    def __init__(self, dataset, batch_sampler, num_workers: int = 0, collate_fn=None, pin_memory: bool = False):
-        self.dataset, self.batch_sampler = dataset, batch_sampler
-        self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def epoch(self, epoch: int, start: int = 0):
-        for part in (self.dataset, self.batch_sampler):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(epoch)
-        batches = _BatchesFrom(self.batch_sampler, start)  # skipping reads no image
-        if len(batches) == 0:
-            return
-        # its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, so that
-        # restarting mid-epoch would shift every later random number (dropout) of the resumed run
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([epoch, 12345]).integers(2**62)))
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
-            generator=gen)
-        yield from loader
+__all__ = ['WORLD_SIZE', 'init_distributed', 'resolve_device', 'TrainingDiverged', 'TrainResult', 'resume_mismatch', 'final_loss',
+           'train', 'TrainJob', 'training_metrics', 'record_training', 'train_many', 'split_config', 'build_parser',
+           'main', 'richest_neighbourhood', 'nearest_feature_neighbours', 'neighbour_summary', 'METHODS', 'MODALITIES',
+           'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig', 'make_weighting',
+           'lr_factor', 'build_model', 'make_optimizer', 'BatchStream', 'seed_everything', 'checkpoint_path', 'log_dir',
+           'save_checkpoint', 'load_checkpoint', 'read_log', 'load_model', 'load_encoder', 'DataConfig', 'run_identity',
+           'spread', 'load_training_samples', 'build_data', 'surface_distances']
 
 # %% ../nbs/07_training.ipynb #bfc10d6b
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -237,74 +77,6 @@ def resolve_device(device: str, world: int = 1) -> torch.device:
     return dev
 
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"].cpu())
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def seed_everything(seed: int):
-    "Seed torch, numpy and Python's `random`."
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-# %% ../nbs/07_training.ipynb #1a3d5832
-def build_model(cfg: TrainConfig) -> nn.Module:
-    "Encoder + projection head of `cfg` (cytoclr.models), initialised from `cfg.seed`."
-    from cytoclr.models import ContrastiveModel, PairModel, ProjectionHead, build_encoder
-    torch.manual_seed(cfg.seed)
-    one = lambda modality: (lambda enc: ContrastiveModel(enc, ProjectionHead(enc.out_dim, cfg.proj_hidden, cfg.proj_dim)))(
-        build_encoder(cfg.arch, modality=modality, width=cfg.width))
-    return PairModel(one("nissl"), one("pli")) if cfg.modality == "multimodal" else one(cfg.modality)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig):
-    "AdamW (no decay on biases and norm parameters) and its warm-up + cosine `LambdaLR`."
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-    return opt, sched
-
-
-def checkpoint_path(run_dir, modality: str, method: str) -> Path:
-    "run_dir/checkpoints/<modality>/<method>/last.pt (DESIGN.md section 4)."
-    return Path(run_dir) / "checkpoints" / modality / method / "last.pt"
-
-
-def log_dir(run_dir, modality: str, method: str) -> Path:
-    return Path(run_dir) / "training" / modality / method
-
-
-def save_checkpoint(path, state: dict) -> Path:
-    "torch.save `state` to `path` atomically."
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise DataError("checkpoint not found; train first (cytoclr train, or chapter 7: "
-                        "cytoclr run --only 07_training)", file=path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise DataError(f"not a readable checkpoint ({type(e).__name__}: {e})", file=path) from None
-
 # %% ../nbs/07_training.ipynb #0538dd88
 class TrainingDiverged(RuntimeError):
     "The loss (or an embedding, or the gradient) became NaN or infinite; the last good checkpoint is kept."
@@ -319,29 +91,6 @@ class TrainResult:
     checkpoint: Path
     log: Path
     losses: list = field(default_factory=list)  # (step, loss) of every step in log.csv
-
-
-LOG_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_second", "seconds")
-
-
-def read_log(path) -> list[dict]:
-    "Rows of a training `log.csv` as dicts of floats (empty if the file is missing)."
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _truncate_log(path: Path, step: int):
-    "Keep the rows of steps <= `step`, byte for byte (rows written after the last checkpoint are replayed on resume)."
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and int(ln.split(",", 1)[0]) <= step]
-    if len(keep) < len(lines):
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(keep))
 
 
 def _to_batch(batch: dict, keys, device) -> tuple[torch.Tensor, list]:
@@ -411,6 +160,207 @@ def resume_mismatch(saved: dict, cfg: TrainConfig, identity: dict | None) -> tup
     return None
 
 
+def final_loss(logged: list, recent: list, log_every: int) -> float:
+    """The loss a run reports: the mean of the last `log_every` losses of its log.csv (`logged`); `recent` (this
+    session's last losses) on ranks that keep no log."""
+    return float(np.mean(logged[-log_every:])) if logged else float(np.mean(recent))
+
+
+# %% ../nbs/07_training.ipynb #4c1d0e28
+class _Run:
+    """One call of `train`: the model, optimiser and schedule of a run and where it stands (step, epoch, position
+    in the epoch, seconds and images so far). Its methods are the steps of `train`: resume, one optimiser step,
+    the loop with its checkpoints, and the result."""
+
+    def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module | None, identity: dict | None, meta: dict | None,
+                 origin: str):
+        self.cfg, self.identity, self.meta, self.origin = cfg, identity, meta, origin
+        self.rank, self.world = init_distributed(cfg.device)
+        self.device = resolve_device(cfg.device, self.world)
+        self.ckpt, self.logs = checkpoint_path(run_dir, cfg.modality, cfg.method), log_dir(run_dir, cfg.modality, cfg.method)
+        self.log_csv = self.logs / "log.csv"
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg) if model is None else model
+        self.model.to(self.device)
+        self.opt, self.sched = make_optimizer(self.model, cfg)
+        self.step, self.epoch, self.pos, self.secs, self.imgs = 0, 0, 0, 0.0, 0
+
+    def resume(self, resume: bool) -> bool:
+        "Seed this rank, then continue from the checkpoint if there is one that may resume; True when it did."
+        seed_everything(self.cfg.seed + 1000 * self.rank)
+        st = load_checkpoint(self.ckpt, map_location="cpu") if resume and self.ckpt.exists() else None  # RNG states stay on the CPU
+        if st is not None and not self._may_resume(st):
+            st = None
+        if st is not None:
+            self._restore(st)
+        elif self.rank == 0:  # a fresh start: no rows or TensorBoard events of an earlier run
+            self.log_csv.unlink(missing_ok=True)
+            shutil.rmtree(self.logs / "tb", ignore_errors=True)
+        return st is not None
+
+    def _may_resume(self, st: dict) -> bool:
+        "True if `st` may resume this run; False if the book trains its own checkpoint again; raises otherwise."
+        why = resume_mismatch(st, self.cfg, self.identity)
+        if why is None:
+            return True
+        field_, text = why
+        if self.origin == "book" and st.get("origin", "book") == "book":
+            if self.rank == 0:
+                print(f"{self.cfg.modality}/{self.cfg.method}: training again from step 0: {text}", flush=True)
+            return False
+        if st.get("origin", "book") != "book" and self.origin == "book":
+            raise DataError(f"{text}, and this checkpoint was trained outside the book (cytoclr train / torchrun): "
+                            "the book never overwrites it; move it away or use another run folder", file=self.ckpt,
+                            field=field_)
+        raise DataError(f"the checkpoint cannot resume this run: {text}; resume with the same parameters, data and "
+                        "code, or pass --no-resume (resume=False) to start over", file=self.ckpt, field=field_)
+
+    def _restore(self, st: dict):
+        "Model, optimiser, schedule, position and this rank's random state from the checkpoint `st`."
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.step, self.epoch, self.pos = st["step"], st["epoch"], st["pos"]
+        self.secs, self.imgs = st.get("seconds", 0.0), st.get("images", 0)
+        rng = st["rng"]
+        if self.step < self.cfg.steps:  # (a finished run may be reopened by any number of ranks: nothing is drawn)
+            if len(rng) != self.world:
+                raise DataError(f"the checkpoint was written by {len(rng)} ranks, this run has {self.world}: resume "
+                                "with the same number of processes", file=self.ckpt, field="world_size")
+            set_rng_state(rng[self.rank])
+        if self.rank == 0:
+            truncate_log(self.log_csv, self.step)
+
+    def save(self):
+        "Write the checkpoint (rank 0), with the random states of every rank."
+        rng = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if self.rank == 0:
+            save_checkpoint(self.ckpt, {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                                        "scheduler": self.sched.state_dict(), "step": self.step, "epoch": self.epoch,
+                                        "pos": self.pos, "seconds": self.secs, "images": self.imgs, "rng": rng,
+                                        "config": self.cfg.to_dict(), "identity": self.identity or {},
+                                        "origin": self.origin, "world_size": self.world, "torch": torch.__version__,
+                                        "meta": self.meta or {}})
+        if self.world > 1:
+            dist.barrier()
+
+    def network(self) -> nn.Module:
+        "The module that embeds the batches: the model, or under torchrun its DDP wrapper (SyncBatchNorm on CUDA)."
+        net = self.model
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # batch statistics over the global batch
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return net
+
+    def one_step(self, net: nn.Module, batch: dict, keys, weight_fn, params: list) -> tuple[float, float, float, int]:
+        "Embed a batch, check it, take one optimiser step: (loss, learning rate, gradient norm, images of this rank)."
+        cfg, device = self.cfg, self.device
+        if cfg.method in CLIP_METHODS:  # one Nissl and one PLI patch of each location
+            xa, xb, kv = _to_pair_batch(batch, keys, device)
+            with _autocast(device, cfg.amp):
+                (_, za), (_, zb) = net(xa, xb)  # (B, D) each
+            za, zb = za.float(), zb.float()
+            z, x = torch.cat([za, zb]), torch.cat([xa.flatten(1)[:, :1], xb.flatten(1)[:, :1]])
+        else:
+            x, kv = _to_batch(batch, keys, device)  # (B*V, C, H, W), keys (B*V, ...)
+            with _autocast(device, cfg.amp):
+                _, proj = net(x)  # (B*V, D)
+            z = proj.float()
+        if not _all_true(bool(torch.isfinite(z).all()), self.world, device):
+            raise TrainingDiverged(f"non-finite embeddings at {_where(self.step, cfg, self.sched)}: check the input "
+                                   f"images or lower lr; {_last_good(self.ckpt)}")
+        if cfg.method in CLIP_METHODS:
+            loss = clip_loss_distributed(za, zb, kv, weight_fn, cfg.tau)
+        else:
+            loss = spatial_nce_distributed(z, kv, weight_fn, cfg.tau)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lv, gv = float(loss.detach()), float(gnorm)
+        if not (math.isfinite(lv) and math.isfinite(gv)):
+            raise TrainingDiverged(f"the loss became {lv} (gradient norm {gv}) at {_where(self.step, cfg, self.sched)}: "
+                                   f"lower lr, raise tau or warmup_steps; {_last_good(self.ckpt)}")
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        return lv, lr, gv, x.shape[0]
+
+    def loop(self, data: BatchStream, net: nn.Module, keys, weight_fn, log: "_StepLog"):
+        "Steps until `cfg.steps`, epoch after epoch from the saved position; checkpoints on schedule and at the end."
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            for batch in data.epoch(self.epoch, self.pos):
+                lv, lr, gv, n = self.one_step(net, batch, keys, weight_fn, params)
+                self.step, self.pos = self.step + 1, self.pos + 1
+                n = n * self.world
+                dt = time.perf_counter() - t0
+                self.secs, self.imgs = self.secs + dt, self.imgs + n
+                log.step(self.step, self.epoch, lv, lr, gv, n, dt, self.secs)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if self.step >= cfg.steps:
+                    break
+                t0 = time.perf_counter()
+            else:
+                self.epoch, self.pos = self.epoch + 1, 0
+
+    def result(self, recent: list) -> TrainResult:
+        "The run's `TrainResult`: its final loss (`final_loss`), throughput over all sessions and logged losses."
+        rows = read_log(self.log_csv) if self.rank == 0 else []
+        final = final_loss([r["loss"] for r in rows], recent, self.cfg.log_every)
+        ips = self.imgs / self.secs if self.secs > 0 else float("nan")
+        return TrainResult(self.cfg.method, self.step, final, ips, self.ckpt, self.log_csv,
+                           [(int(r["step"]), r["loss"]) for r in rows])
+
+
+class _StepLog:
+    "Rank 0's record of a run: a row of log.csv per step; TensorBoard points and the progress bar every `log_every`."
+
+    def __init__(self, run: _Run, progress: bool):
+        self.rank, self.cfg = run.rank, run.cfg
+        if run.rank == 0:
+            run.logs.mkdir(parents=True, exist_ok=True)
+            new = not run.log_csv.exists()
+            self.csv_file = open(run.log_csv, "a", newline="", buffering=1)
+            self.csv_writer = csv.writer(self.csv_file)
+            if new:
+                self.csv_writer.writerow(LOG_FIELDS)
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is slow to import: only when a run trains
+            self.writer = SummaryWriter(str(run.logs / "tb"), purge_step=run.step + 1 if run.step else None)
+        self.bar = tqdm(total=self.cfg.steps, initial=run.step, desc=f"train {self.cfg.method}", unit="step",
+                        mininterval=2.0, disable=not progress or run.rank != 0, file=sys.stderr)
+        self.recent, self.t_session, self.n_session = [], 0.0, 0  # last losses; time and images of this session
+
+    def step(self, step: int, epoch: int, lv: float, lr: float, gv: float, n: int, dt: float, secs: float):
+        "Record one step: loss `lv`, learning rate, gradient norm, `n` images in `dt` s, `secs` s in all."
+        self.t_session, self.n_session = self.t_session + dt, self.n_session + n
+        self.recent = (self.recent + [lv])[-self.cfg.log_every:]
+        if self.rank != 0:
+            return
+        self.csv_writer.writerow([step, epoch, repr(lv), repr(lr), repr(gv), f"{n / dt:.1f}", f"{secs:.3f}"])
+        self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            ips = self.n_session / self.t_session
+            self.writer.add_scalar("loss", lv, step)
+            self.writer.add_scalar("lr", lr, step)
+            self.writer.add_scalar("grad_norm", gv, step)
+            self.writer.add_scalar("images_per_second", ips, step)
+            self.bar.set_postfix(loss=f"{np.mean(self.recent):.4f}", img_s=f"{ips:.0f}")
+
+    def close(self):
+        self.bar.close()
+        if self.rank == 0:
+            self.csv_file.close()
+            self.writer.close()
+
+
 def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module | None = None,
           weighting=None, distances=None, resume: bool = True, progress: bool = True,
           write_metrics: bool = True, meta: dict | None = None, identity: dict | None = None,
@@ -425,165 +375,32 @@ def train(cfg: TrainConfig, data: BatchStream | None, run_dir, model: nn.Module 
     (`resume_mismatch`); otherwise a checkpoint of the book (`origin="book"`) is retrained from step 0 with a
     one-line message, and any other (`origin="cli"`: `cytoclr train`, torchrun) is refused, never overwritten.
     """
-    from cytoclr.core import progress as tqdm  # tqdm, its line mirrored to the runner's status
     cfg.validate()
     if origin not in ("book", "cli"):
         raise DataError(f"origin must be 'book' or 'cli', got {origin!r}", field="origin")
-    rank, world = init_distributed(cfg.device)
-    device = resolve_device(cfg.device, world)
-    ckpt, logs = checkpoint_path(run_dir, cfg.modality, cfg.method), log_dir(run_dir, cfg.modality, cfg.method)
-    log_csv = logs / "log.csv"
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg) if model is None else model
-    model.to(device)
-    opt, sched = make_optimizer(model, cfg)
-    step, epoch, pos, secs, imgs = 0, 0, 0, 0.0, 0
-
-    seed_everything(cfg.seed + 1000 * rank)
-    st = load_checkpoint(ckpt, map_location="cpu") if resume and ckpt.exists() else None  # RNG states stay on the CPU
-    why = resume_mismatch(st, cfg, identity) if st is not None else None
-    if why is not None:
-        field_, text = why
-        if origin == "book" and st.get("origin", "book") == "book":
-            if rank == 0:
-                print(f"{cfg.modality}/{cfg.method}: training again from step 0: {text}", flush=True)
-            st = None
-        elif st.get("origin", "book") != "book" and origin == "book":
-            raise DataError(f"{text}, and this checkpoint was trained outside the book (cytoclr train / torchrun): "
-                            "the book never overwrites it; move it away or use another run folder", file=ckpt, field=field_)
-        else:
-            raise DataError(f"the checkpoint cannot resume this run: {text}; resume with the same parameters, data and "
-                            "code, or pass --no-resume (resume=False) to start over", file=ckpt, field=field_)
-    if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, epoch, pos = st["step"], st["epoch"], st["pos"]
-        secs, imgs = st.get("seconds", 0.0), st.get("images", 0)
-        rng = st["rng"]
-        if step < cfg.steps:  # (a finished run may be reopened by any number of ranks: nothing is drawn)
-            if len(rng) != world:
-                raise DataError(f"the checkpoint was written by {len(rng)} ranks, this run has {world}: resume "
-                                "with the same number of processes", file=ckpt, field="world_size")
-            _set_rng_state(rng[rank])
-        if rank == 0:
-            _truncate_log(log_csv, step)
-    elif rank == 0:  # a fresh start: no rows or TensorBoard events of an earlier run
-        log_csv.unlink(missing_ok=True)
-        shutil.rmtree(logs / "tb", ignore_errors=True)
-
-    def save():
-        rng = [None] * world
-        if world > 1:
-            dist.all_gather_object(rng, _rng_state())
-        else:
-            rng = [_rng_state()]
-        if rank == 0:
-            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "pos": pos,
-                                   "seconds": secs, "images": imgs, "rng": rng, "config": cfg.to_dict(),
-                                   "identity": identity or {}, "origin": origin, "world_size": world,
-                                   "torch": torch.__version__, "meta": meta or {}})
-        if world > 1:
-            dist.barrier()
-
+    run = _Run(cfg, run_dir, model, identity, meta, origin)
+    resumed = run.resume(resume)
     if cfg.method == "random":  # nothing to train: the seeded initialisation is the model
-        if st is None:
-            save()
-        return TrainResult("random", 0, float("nan"), float("nan"), ckpt, log_csv)
+        if not resumed:
+            run.save()
+        return TrainResult("random", 0, float("nan"), float("nan"), run.ckpt, run.log_csv)
     if data is None or len(data) == 0:
         raise DataError("no training batches: the data stream is empty (too few samples for one batch?)", field="data")
     keys, weight_fn = weighting or make_weighting(cfg.method, cfg.sigma_mm, cfg.weight_kind, distances)
-
-    net = model
-    if world > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    writer = csv_file = None
-    if rank == 0:
-        logs.mkdir(parents=True, exist_ok=True)
-        new = not log_csv.exists()
-        csv_file = open(log_csv, "a", newline="", buffering=1)
-        csv_writer = csv.writer(csv_file)
-        if new:
-            csv_writer.writerow(LOG_FIELDS)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(logs / "tb"), purge_step=step + 1 if step else None)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", mininterval=2.0,
-               disable=not progress or rank != 0, file=sys.stderr)
-    recent = []
-    t_session, n_session = 0.0, 0
+    net = run.network()
+    run.model.train()
+    log = _StepLog(run, progress)
     try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            for batch in data.epoch(epoch, pos):
-                if cfg.method in CLIP_METHODS:  # one Nissl and one PLI patch of each location
-                    xa, xb, kv = _to_pair_batch(batch, keys, device)
-                    with _autocast(device, cfg.amp):
-                        (_, za), (_, zb) = net(xa, xb)  # (B, D) each
-                    za, zb = za.float(), zb.float()
-                    z, x = torch.cat([za, zb]), torch.cat([xa.flatten(1)[:, :1], xb.flatten(1)[:, :1]])
-                else:
-                    x, kv = _to_batch(batch, keys, device)  # (B*V, C, H, W), keys (B*V, ...)
-                    with _autocast(device, cfg.amp):
-                        _, proj = net(x)  # (B*V, D)
-                    z = proj.float()
-                if not _all_true(bool(torch.isfinite(z).all()), world, device):
-                    raise TrainingDiverged(f"non-finite embeddings at {_where(step, cfg, sched)}: check the input "
-                                           f"images or lower lr; {_last_good(ckpt)}")
-                if cfg.method in CLIP_METHODS:
-                    loss = clip_loss_distributed(za, zb, kv, weight_fn, cfg.tau)
-                else:
-                    loss = spatial_nce_distributed(z, kv, weight_fn, cfg.tau)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                lv, gv = float(loss.detach()), float(gnorm)
-                if not (math.isfinite(lv) and math.isfinite(gv)):
-                    raise TrainingDiverged(f"the loss became {lv} (gradient norm {gv}) at {_where(step, cfg, sched)}: "
-                                           f"lower lr, raise tau or warmup_steps; {_last_good(ckpt)}")
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                step, pos = step + 1, pos + 1
-                n = x.shape[0] * world
-                dt = time.perf_counter() - t0
-                secs, imgs, t_session, n_session = secs + dt, imgs + n, t_session + dt, n_session + n
-                recent = (recent + [lv])[-cfg.log_every:]
-                if rank == 0:
-                    csv_writer.writerow([step, epoch, repr(lv), repr(lr), repr(gv), f"{n / dt:.1f}", f"{secs:.3f}"])
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        ips = n_session / t_session
-                        writer.add_scalar("loss", lv, step)
-                        writer.add_scalar("lr", lr, step)
-                        writer.add_scalar("grad_norm", gv, step)
-                        writer.add_scalar("images_per_second", ips, step)
-                        bar.set_postfix(loss=f"{np.mean(recent):.4f}", img_s=f"{ips:.0f}")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    save()
-                if step >= cfg.steps:
-                    break
-                t0 = time.perf_counter()
-            else:
-                epoch, pos = epoch + 1, 0
+        run.loop(data, net, keys, weight_fn, log)
     finally:
-        bar.close()
-        if rank == 0:
-            csv_file.close()
-            writer.close()
-    rows = read_log(log_csv) if rank == 0 else []
-    final = float(np.mean([r["loss"] for r in rows[-cfg.log_every:]])) if rows else float(np.mean(recent))
-    ips = imgs / secs if secs > 0 else float("nan")
-    result = TrainResult(cfg.method, step, final, ips, ckpt, log_csv, [(int(r["step"]), r["loss"]) for r in rows])
-    if rank == 0 and write_metrics:
-        record_training(run_dir, cfg, result, world)
+        log.close()
+    result = run.result(log.recent)
+    if run.rank == 0 and write_metrics:
+        record_training(run_dir, cfg, result, run.world)
     return result
 
 
+# %% ../nbs/07_training.ipynb #4c1d0e29
 def _where(step: int, cfg: TrainConfig, sched) -> str:
     return f"step {step + 1} of {cfg.method} (lr {sched.get_last_lr()[0]:.3g})"
 
@@ -618,11 +435,19 @@ class TrainJob:
         return 0.0 if self.cfg.method == "random" else self.cfg.steps * self.cfg.batch_size * self.cfg.views * channels
 
 
+WORLD_SIZE = "world_size"  # key of metrics.json: processes a run trained on (not among core.MetricKeys)
+
+
+def training_metrics(cfg: TrainConfig, result: TrainResult, world: int = 1) -> dict:
+    "What metrics.json records of a run: its final loss, steps, throughput and world size under training.<modality>.<method>."
+    return {K.TRAINING: {cfg.modality: {cfg.method: {
+        K.FINAL_LOSS: result.final_loss, K.IMAGES_PER_SECOND: result.images_per_second, K.STEPS: result.steps,
+        WORLD_SIZE: world}}}}
+
+
 def record_training(run_dir, cfg: TrainConfig, result: TrainResult, world: int = 1):
     "A run's final loss, steps and throughput under training.<modality>.<method> of run_dir/metrics.json."
-    update_metrics(run_dir, {"training": {cfg.modality: {cfg.method: {
-        "final_loss": result.final_loss, "images_per_second": result.images_per_second, "steps": result.steps,
-        "world_size": world}}}})
+    update_metrics(run_dir, training_metrics(cfg, result, world))
 
 
 def _run_job(job: TrainJob, progress: bool, write_metrics: bool) -> TrainResult:
@@ -648,7 +473,6 @@ def train_many(jobs, workers: int | None = None, progress: bool = True) -> list[
     idle at the end (`len % workers` shortest ones) then train here on every core. `workers=1`, CUDA and torchrun train every run here, one after another. Every run checkpoints, resumes and
     gives its result exactly as `train` alone would with the same number of threads; metrics.json is written
     here, never by two processes at once. An error in any run stops all of them (checkpoints stay valid)."""
-    from cytoclr.core import fork_map, progress as tqdm, worker_count
     jobs = list(jobs)
     workers = worker_count(workers)
     for j in jobs:
@@ -691,128 +515,6 @@ def train_many(jobs, workers: int | None = None, progress: bool = True) -> list[
         if i not in results:
             results[i] = _run_job(jobs[i], progress, jobs[i].write_metrics)
     return [results[i] for i in range(len(jobs))]
-
-# %% ../nbs/07_training.ipynb #e5738fee
-def load_model(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:
-    "The full model (encoder + head) of a method's last checkpoint, in eval mode on `device`."
-    build = build or build_model
-    if modality not in MODALITIES:
-        raise DataError(f"modality must be one of {MODALITIES}, got {modality!r}", field="modality")
-    path = checkpoint_path(run_dir, modality, method)
-    if method == "random" and not path.exists():
-        others = [checkpoint_path(run_dir, modality, m) for m in METHODS[:4] if checkpoint_path(run_dir, modality, m).exists()]
-        if not others:
-            raise DataError(f"no {modality} checkpoint to take the architecture from; train a method first", file=path)
-        cfg = TrainConfig.from_dict({**load_checkpoint(others[0])["config"], "method": "random"})
-        return build(cfg).to(device).eval()
-    st = load_checkpoint(path, map_location="cpu")
-    model = build(TrainConfig.from_dict(st["config"], file=path))
-    model.load_state_dict(st["model"])
-    return model.to(device).eval()
-
-
-def load_encoder(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:
-    "The encoder of a method (trained weights; seeded initialisation for 'random'), in eval mode on `device`."
-    return load_model(run_dir, method, modality, device, build).encoder
-
-# %% ../nbs/07_training.ipynb #bbb92867
-@dataclass
-class DataConfig:
-    "The data side of a training run."
-    manifest: str = "data_manifest.yml"  # relative to the working folder
-    split: str = "train"
-    modality: str = "nissl"
-    n_samples: int = 4096  # locations sampled once from the split's sections
-    sample_seed: int = 0
-    patch_px: int = 64  # 64 px at 64 um/px: a 4 mm field of view
-    neighbours: int = 7  # partners per seed location in a batch (0: uniform batches)
-    radius_mm: float = 5.0  # neighbourhood radius along the surface
-    neighbour_distance: str = "auto"  # geodesic (auto: when available) or euclidean neighbourhoods
-    level: int | str = 2  # cortex-mask level used for sampling; "auto": the finest with at most 4 M mask cells
-    max_sections: int = 0  # use only this many sections of the split, evenly spread (0: all)
-    brains: list | None = None  # train on the split's sections of these brains only (None: every brain)
-    augment: bool = True
-    cache: bool = True  # render each crop once and keep it in memory (off at paper scale: crops stream from disk)
-
-    @classmethod
-    def from_dict(cls, d: dict, file=None) -> "DataConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DataError(f"unknown data parameters {unknown}; known: {sorted(names)}", file=file, field=unknown[0])
-        return cls(**d)
-
-
-CODE_MODULES = ("cytoclr.models", "cytoclr.sampling", "cytoclr.losses", "cytoclr.geodesic", "cytoclr.sections",
-                "cytoclr.reference", "cytoclr.training")  # the code that shapes model, data and loss
-
-
-def run_identity(dcfg: DataConfig, manifest=None) -> dict:
-    """What decides a checkpoint's result besides `TrainConfig`: the data configuration (the manifest by content,
-    not by path), a fingerprint of the data (the manifest and the files it names; the phantom generator's code
-    when it has phantom brains) and of the library code in `CODE_MODULES`."""
-    from cytoclr.sections import load_manifest, manifest_fingerprint
-    man = manifest if manifest is not None else load_manifest(dcfg.manifest)
-    data = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "manifest"}
-    fp = {"manifest": manifest_fingerprint(man.path)}
-    if any(b.get("phantom") is not None for b in man.brains.values()):
-        fp["phantom"] = source_fingerprint("cytoclr.phantom")
-    return {"data": data, "data_fingerprint": hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest(),
-            "code_fingerprint": source_fingerprint(*CODE_MODULES)}
-
-
-def spread(items: list, k: int) -> list:
-    "`k` items evenly spread over `items` (all of them if k is 0 or too large)."
-    if not k or k >= len(items):
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, k).round().astype(int)]
-
-
-def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True):
-    "(sections, samples, reference) of the training split: sampled once, seeded by `dcfg.sample_seed`."
-    from cytoclr.sampling import sample_locations
-    from cytoclr.sections import load_manifest
-    man = manifest if manifest is not None else load_manifest(dcfg.manifest)
-    sections = man.split(dcfg.split, dcfg.modality)
-    if dcfg.brains is not None:
-        wanted = [dcfg.brains] if isinstance(dcfg.brains, str) else list(dcfg.brains)
-        known = sorted({s.brain for s in sections})
-        missing = [b for b in wanted if b not in known]
-        if missing or not wanted:
-            raise DataError(f"brains {missing or wanted} have no {dcfg.modality} sections in split '{dcfg.split}': "
-                            f"expected some of {known}", file=getattr(man, "path", None), field="brains")
-        sections = [s for s in sections if s.brain in wanted]
-    sections = spread(sections, dcfg.max_sections)
-    if not sections:
-        raise DataError(f"split '{dcfg.split}' has no {dcfg.modality} sections", file=getattr(man, "path", None), field="split")
-    ref = man.reference
-    samples = sample_locations(sections, dcfg.n_samples, seed=dcfg.sample_seed, ref=ref, level=dcfg.level)
-    return sections, samples, ref
-
-
-def build_data(dcfg: DataConfig, cfg: TrainConfig, sections, samples, ref=None, rank: int = 0, world: int = 1,
-               dataset=None, distances=None, progress: bool = True) -> BatchStream:
-    """This rank's `BatchStream`: a two-view `PatchDataset` (crops cached in memory when `dcfg.cache`) and a
-    `NeighbourhoodBatchSampler`, whose neighbourhoods use `distances` (the loss's `SurfaceDistances`) when given."""
-    from cytoclr.sampling import Augment, NeighbourhoodBatchSampler, PatchDataset
-    if dcfg.modality != cfg.modality:
-        raise DataError(f"the data are {dcfg.modality} patches but the encoder is for {cfg.modality}", field="modality")
-    if dataset is None:
-        aug = Augment(modality=dcfg.modality) if dcfg.augment else None
-        dataset = PatchDataset(sections, samples, dcfg.patch_px, views=cfg.views, augment=aug, seed=cfg.seed,
-                               cache=dcfg.cache, progress=progress and rank == 0)
-    nd = dcfg.neighbour_distance
-    if distances is not None and nd in ("auto", "geodesic"):
-        nd = distances  # one table for the sampler and the loss
-    sampler = NeighbourhoodBatchSampler(samples, cfg.batch_size, k=dcfg.neighbours, radius_mm=dcfg.radius_mm,
-                                        distance=nd, seed=cfg.seed, rank=rank, world_size=world, ref=ref)
-    return BatchStream(dataset, sampler, num_workers=cfg.num_workers, pin_memory=str(cfg.device).startswith("cuda"))
-
-
-def surface_distances(ref, cutoff_mm: float = 30.0, progress: bool = True):
-    "Chapter 4's `SurfaceDistances` of `ref` (geodesic tables cached on disk, built on first use, loaded once per process)."
-    from cytoclr.geodesic import SurfaceDistances
-    return SurfaceDistances(ref, cutoff_mm=cutoff_mm, progress=progress)
 
 # %% ../nbs/07_training.ipynb #eb8893ca
 def split_config(d: dict, file=None) -> tuple[list, TrainConfig, DataConfig]:
@@ -863,7 +565,6 @@ def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
         methods, tcfg, dcfg = split_config(d, file=args.config)
         rank, world = init_distributed(tcfg.device)
         show = not args.no_progress and rank == 0
-        from cytoclr.sections import load_manifest
         man = load_manifest(dcfg.manifest)
         identity = run_identity(dcfg, man)
         data = distances = None
@@ -895,9 +596,33 @@ def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
 
 
 def _in_ipython() -> bool:
-    import builtins
     return hasattr(builtins, "__IPYTHON__")
 
 # %% ../nbs/07_training.ipynb #52c53e71
 if __name__ == "__main__" and not _in_ipython():
     sys.exit(main())
+
+# %% ../nbs/07_training.ipynb #f7000001
+def richest_neighbourhood(D: np.ndarray, radius_mm: float, k: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """In a batch's distance matrix `D` (b, b): each location's number of partners closer than `radius_mm`, the
+    location with the most (the first of equals) and it with its `k` closest partners (positions in the batch)."""
+    close = (D < radius_mm).sum(1) - 1  # partners within radius_mm of each location in this batch
+    c = int(np.argmax(close))
+    near = np.argsort(D[c], kind="stable")[:k + 1]
+    return close, c, near
+
+
+# %% ../nbs/07_training.ipynb #f7000002
+def nearest_feature_neighbours(features: np.ndarray, xyz: np.ndarray, hemi: np.ndarray) -> np.ndarray:
+    """For each of n patches, how far (mm, straight line between centres; inf in the other hemisphere) its nearest
+    neighbour in feature space lies: the most similar other patch (cosine: `features` (n, D) are L2-normalised)."""
+    xyz_d = straight_line(xyz, hemi_a=hemi)  # (n, n) mm, inf across hemispheres
+    sim = features @ features.T
+    np.fill_diagonal(sim, -np.inf)
+    return xyz_d[np.arange(len(xyz)), sim.argmax(1)]
+
+
+def neighbour_summary(d: np.ndarray) -> dict:
+    "The median distance (mm) of `nearest_feature_neighbours` and the share within 10 mm."
+    return dict(median_mm=float(np.median(d)), within_10mm=float((d < 10).mean()))
+

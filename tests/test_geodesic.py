@@ -6,8 +6,10 @@ import torch
 from scipy.spatial.distance import cdist
 
 from cytoclr import geodesic as G
-from cytoclr.geodesic import (SurfaceDistances, check_surface, effective_positives, geodesic_table, geodesic_weights,
-                              restrict_table, surface_graph, table_submatrix)
+from cytoclr.geodesic import (SurfaceDistances, check_surface, effective_positives, geodesic_metrics, geodesic_table,
+                              geodesic_weights,
+                              positives_by_sigma, restrict_table, straight_line, straight_over_geodesic, surface_graph,
+                              table_errors, table_submatrix, vertex_areas)
 from cytoclr.core import DataError
 from cytoclr.reference import ReferenceBrain
 
@@ -447,3 +449,57 @@ def test_check_surface_returns_clean_arrays():
     v, f = grid(4)
     cv, cf = check_surface(v.astype(np.float32), f.astype(np.int32))
     assert cv.dtype == np.float64 and cf.dtype == np.int64 and cv.flags.c_contiguous
+
+
+# ---------------------------------------------------------------- the numbers chapter 4 reports
+def test_straight_line_against_the_formula(rng):
+    a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
+    ha, hb = rng.integers(0, 2, 7), rng.integers(0, 2, 5)
+    slow = np.array([[np.sqrt(((a[i] - b[j]) ** 2).sum()) if ha[i] == hb[j] else np.inf for j in range(5)] for i in range(7)])
+    np.testing.assert_allclose(straight_line(a, b, ha, hb), slow)
+    np.testing.assert_allclose(straight_line(torch.tensor(a), torch.tensor(b), ha, hb).numpy(), slow)
+    np.testing.assert_allclose(straight_line(a[:5], b, ha[:5], hb, pairs=True), np.diag(slow[:5]))
+
+
+def test_table_errors_by_hand():
+    exact = np.array([1.0, 2.0, 4.0, 9.0, 12.0])
+    ours = np.array([1.1, 2.0, np.inf, 9.9, np.inf])  # the 4 mm pair is missing; 12 mm lies beyond the cutoff
+    plain = np.array([1.2, 3.0, 5.0, 9.0, 12.0])
+    err, missing = table_errors(exact, {"plain": plain, "ours": ours}, cutoff_mm=10.0)
+    assert missing == 1  # only 4 mm: 12 mm is beyond 0.9 x cutoff
+    np.testing.assert_allclose(err["ours"], [0.1, 0.0, 0.1])  # pairs 1, 2 and 9 mm
+    np.testing.assert_allclose(err["plain"], [0.2, 0.5, 0.0])
+
+
+def test_straight_over_geodesic_by_hand():
+    g = np.array([[4.0, 5.0, 20.0], [40.0, 41.0, 10.0]])
+    s = np.array([[4.0, 4.0, 10.0], [36.0, 1.0, 10.0]])
+    np.testing.assert_allclose(straight_over_geodesic(g, s, 5, 40), [0.8, 0.5, 0.9, 1.0])
+
+
+def test_vertex_areas_and_positives_by_sigma_by_hand():
+    class Ref:
+        hemis = ("L", "R")
+        mid = {"L": np.array([[0, 0, 0], [3, 0, 0], [0, 4, 0.0]]), "R": np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0.0]])}
+        faces = {"L": np.array([[0, 1, 2]]), "R": np.array([[0, 1, 2]])}
+        labels = {"L": np.array([1, 1, 0]), "R": np.array([2, 2, 2])}
+    p = vertex_areas(Ref())
+    # a third of each face per vertex: L 2, 2, (0: no area); R 1/6 each; normalised by 4.5
+    np.testing.assert_allclose(p, np.array([2, 2, 0, 1 / 6, 1 / 6, 1 / 6]) / 4.5)
+    d = np.array([[0, 1.0, np.inf], [1.0, 0, 2.0], [np.inf, 2.0, 0]])
+    got = positives_by_sigma(d, [1.0, 2.0])
+    e1, e2 = np.exp(-0.5), np.exp(-2.0)  # sigma 1: d = 1 -> exp(-1/2), d = 2 -> exp(-2)
+    assert got[0] == pytest.approx((e1 + (e1 + e2) + e2) / 3)
+    assert got[1] == pytest.approx((np.exp(-1 / 8) * 2 + np.exp(-0.5) * 2) / 3)
+    assert positives_by_sigma(d, [1.5], "threshold") == [pytest.approx(2 / 3)]
+
+
+def test_geodesic_metrics_by_hand():
+    t = sp.csr_matrix(np.array([[0, 1.0, 0], [1.0, 0, 2.0], [0, 2.0, 0]]))  # 4 pairs on 3 vertices
+    err = {"plain Dijkstra": np.array([0.1, 0.3]), "heat method": np.array([0.2]), "ours": np.array([0.0, 0.01, 0.02])}
+    m = geodesic_metrics(30.0, 3, {"L": 1.5, "R": 2.0}, err, 0, {"L": t, "R": t}, np.array([0.8, 1.0]), {"b": 1})["geodesic"]
+    assert m["cutoff_mm"] == 30.0 and m["rings"] == 3 and m["table_seconds"] == 3.5
+    assert m["median_rel_error"] == 0.01 and m["p95_rel_error"] == pytest.approx(0.019)
+    assert m["plain_dijkstra_median_rel_error"] == pytest.approx(0.2) and m["heat_method_median_rel_error"] == 0.2
+    assert m["missing_within_0.9_cutoff"] == 0 and m["pairs_per_vertex"] == pytest.approx(4 / 3)
+    assert m["straight_over_geodesic_5_40mm_mean"] == pytest.approx(0.9) and m["effective_positives"] == {"b": 1}

@@ -8,7 +8,8 @@ import torch
 import cytoclr.losses
 import cytoclr.models
 from cytoclr.models import (ARCHS, PLI_CHANNELS, BasicBlock, Bottleneck, ContrastiveModel, Encoder, ProjectionHead,
-                            build_encoder, count_parameters, embed, encode_pli, input_channels, measure_throughput)
+                            build_encoder, count_parameters, embed, encode_pli, encoder_metrics, encoder_table, input_channels,
+                            measure_throughput)
 from cytoclr.core import DataError
 
 # torchvision's resnet{18,34,50} without the 1000-class fc layer, 3 input channels
@@ -153,3 +154,16 @@ def test_embed_arrays_and_datasets_alike():
     with torch.no_grad():
         direct = torch.nn.functional.normalize(enc.eval()(x), dim=1)
     torch.testing.assert_close(torch.from_numpy(a), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_table_and_metrics_by_hand():
+    rows = encoder_table(["quick", "resnet18"], px=32, batch=2, repeats=1, width=0.25)
+    assert [r["arch"] for r in rows] == ["quick", "resnet18"]
+    q, r18 = rows
+    assert q["width"] == 1.0 and q["batch"] == 16 and r18["width"] == 0.25 and r18["batch"] == 2  # quick: 8x the batch
+    assert q["params_M"] == count_parameters(build_encoder("quick", "nissl")) / 1e6
+    assert r18["params_M"] == count_parameters(build_encoder("resnet18", "nissl", 0.25)) / 1e6
+    assert q["out_dim"] == build_encoder("quick").out_dim and q["images_per_second"] > 0
+    rows = [dict(arch="quick", width=1.0, params_M=0.2904561, out_dim=160, batch=64, images_per_second=123.456)]
+    assert encoder_metrics(rows, 128) == {"quick": {"params": 290456, "out_dim": 160, "batch": 64,
+                                                    "images_per_second": 123.5, "patch_px": 128}}

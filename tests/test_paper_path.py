@@ -19,12 +19,13 @@ import pytest
 import yaml
 
 from cytoclr import phantom
+from cytoclr.checkpoints import checkpoint_path, load_checkpoint, load_encoder, log_dir
 from cytoclr.core import read_yaml_mapping
 from cytoclr.geodesic import _cache_stem, cache_dir
 from cytoclr.models import embed
 from cytoclr.sampling import MAX_MASK_CELLS, PatchDataset, sample_locations, sampling_level
 from cytoclr.sections import load_manifest
-from cytoclr.training import checkpoint_path, load_checkpoint, load_encoder, log_dir, split_config
+from cytoclr.training import split_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin folder: its torchrun and python

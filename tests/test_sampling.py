@@ -1,15 +1,16 @@
-"Tests of cytoclr.sampling: uniform cortex sampling, patches, PLI-aware augmentation, dataset and batch samplers."
-import math
+"Tests of cytoclr.sampling: uniform cortex sampling, patches, dataset and batch samplers (augmentation: test_augment.py)."
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from cytoclr.augment import Augment
 from cytoclr.core import DataError
 from cytoclr.reference import Location
-from cytoclr.sampling import (Augment, NeighbourhoodBatchSampler, PatchDataset, Samples, extract_patch,
-                              pairwise_distances, sample_locations)
+from cytoclr.sampling import (NeighbourhoodBatchSampler, PatchDataset, Samples, batch_composition, cortex_area_mm2,
+                              depth_coverage, extract_patch, pairwise_distances, sample_locations, sampling_metrics,
+                              span_summary, uniform_cortex_positives)
 
 
 class FakeSection:
@@ -62,32 +63,6 @@ class FakeRef:
 def fake_ref():
     return FakeRef()
 
-
-def stripes(size, phi_deg, period=8.0):
-    "A (size, size) patch of stripes running along direction phi (counter-clockwise from +col, row 0 at top)."
-    d = np.arange(size) - (size - 1) / 2
-    r, c = np.meshgrid(d, d, indexing="ij")
-    x, y = c, -r  # screen coordinates, y up
-    a = np.deg2rad(phi_deg)
-    across = -np.sin(a) * x + np.cos(a) * y  # coordinate across the stripes
-    return (0.5 + 0.5 * np.cos(2 * np.pi * across / period)).astype(np.float32)
-
-
-def orientation_deg(img):
-    "Dominant stripe direction (deg, [0, 180), counter-clockwise from +col) from the structure tensor."
-    gy, gx = np.gradient(img.astype(np.float64))  # gy along rows (down), gx along cols
-    gy = -gy  # y up
-    jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
-    grad_dir = 0.5 * np.degrees(np.arctan2(2 * jxy, jxx - jyy))  # dominant gradient direction
-    return (grad_dir + 90) % 180  # stripes run perpendicular to the gradient
-
-
-def angle_diff(a, b):
-    d = np.abs((np.asarray(a) - np.asarray(b)) % 180)
-    return np.minimum(d, 180 - d)
-
-
-# --- sampling -------------------------------------------------------------------------------------
 
 def test_uniform_per_area_across_sections(rng, fake_ref):
     "Sections with equal tissue area get equal shares whatever their pixel count; cells are hit uniformly."
@@ -189,66 +164,6 @@ def test_extract_patch_default_fill_is_empty_glass(rng):
     assert (extract_patch(odd, (0, 0), 6)[:, 0] == 0).all()
 
 
-# --- augmentation --------------------------------------------------------------------------------
-
-def test_stripe_orientation_helper_is_right():
-    for phi in (0, 30, 90, 135):
-        assert angle_diff(orientation_deg(stripes(64, phi)), phi) < 2
-
-
-@pytest.mark.parametrize("theta", [0.0, 30.0, 90.0, 137.0, 250.0])
-@pytest.mark.parametrize("flip", [False, True])
-def test_pli_direction_follows_rotation_and_flip(theta, flip):
-    "Rotate/flip a stripe patch whose direction channel matches its stripes: the channel must match the new stripes."
-    phi0 = 20.0
-    big = 91
-    t = stripes(big, phi0)
-    pli = np.stack([t, 0.5 * np.ones_like(t), np.full_like(t, phi0)])  # (3, h, w)
-    aug = Augment("pli", blur=0, intensity=0, contrast=0)
-    out = aug.apply(pli, 63, theta=theta, flip=flip)
-    seen = orientation_deg(out[0])  # where the stripes point after the transform
-    expected = (-(phi0 + theta) if flip else phi0 + theta) % 180
-    assert angle_diff(seen, expected) < 2.5
-    assert angle_diff(np.median(out[2]), seen) < 2.5  # the direction channel agrees with the image
-    assert angle_diff(out[2], expected).max() < 1.0  # everywhere, no wrap-around artefacts
-
-
-def test_direction_interpolation_wraps():
-    "A field of 179 deg and 1 deg is nearly uniform (horizontal): a plain image rotation would average to 90."
-    h = 31
-    d = np.where(np.arange(h)[None, :] % 2 == 0, 179.0, 1.0) * np.ones((h, 1))
-    pli = np.stack([np.ones((h, h)), np.ones((h, h)), d]).astype(np.float32)
-    out = Augment("pli").apply(pli, 21, theta=45.0, sigma=1.0)
-    assert angle_diff(out[2], 45.0).max() < 1.5
-
-
-def test_rotation_sign_consistent_between_exact_and_interpolated_paths(rng):
-    x = rng.random((1, 41, 41)).astype(np.float32)
-    aug = Augment("nissl")
-    exact = aug.apply(x, 29, theta=90.0)
-    near = aug.apply(x, 29, theta=89.999)
-    np.testing.assert_allclose(exact, near, atol=2e-3)
-    np.testing.assert_allclose(exact[0], np.rot90(x[0])[6:35, 6:35], atol=1e-6)  # counter-clockwise as displayed
-
-
-def test_intensity_and_blur():
-    x = np.zeros((1, 33, 33), np.float32)
-    x[0, 16, 16] = 1
-    out = Augment("nissl").apply(x, 33, gain=1.0, offset=0.2, sigma=1.0)
-    assert out.max() < 0.5 + 0.2 and abs(out.sum() - (1 + 0.2 * 33 * 33)) < 0.02  # blurred, mass kept, offset
-    y = np.linspace(0, 1, 33 * 33, dtype=np.float32).reshape(1, 33, 33)
-    c = Augment("nissl").apply(y, 33, gain=1.5)
-    np.testing.assert_allclose(c.std(), 1.5 * y.std(), rtol=1e-4)
-    np.testing.assert_allclose(c.mean(), y.mean(), atol=1e-5)
-
-
-def test_augment_bad_input():
-    with pytest.raises(DataError):
-        Augment("ct")
-    with pytest.raises(DataError, match="3 channels"):
-        Augment("pli").apply(np.zeros((1, 9, 9), np.float32), 9)
-
-
 # --- dataset and batches -------------------------------------------------------------------------
 
 def _small(fake_ref, n=64, channels=1, modality="nissl"):
@@ -345,17 +260,6 @@ def test_sampler_with_dataloader(fake_ref):
     assert len(batches) == 3 and batches[0]["image"].shape == (16, 1, 16, 16)
 
 
-def test_straight_line_against_the_formula(rng):
-    from cytoclr.sampling import straight_line
-    a, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 3))
-    ha, hb = rng.integers(0, 2, 7), rng.integers(0, 2, 5)
-    slow = np.array([[np.sqrt(((a[i] - b[j]) ** 2).sum()) if ha[i] == hb[j] else np.inf for j in range(5)] for i in range(7)])
-    np.testing.assert_allclose(straight_line(a, b, ha, hb), slow)
-    np.testing.assert_allclose(straight_line(torch.tensor(a), torch.tensor(b), ha, hb).numpy(), slow)
-    np.testing.assert_allclose(straight_line(a[:5], b, ha[:5], hb, pairs=True), np.diag(slow[:5]))
-    np.testing.assert_allclose(straight_line(a), np.linalg.norm(a[:, None] - a[None], axis=-1))
-
-
 def test_sampler_bad_input(rng):
     s = _cloud(rng, 100)
     with pytest.raises(DataError, match="batch_size"):
@@ -428,61 +332,6 @@ def test_phantom_section_integration(ref):
     assert (far == 1).all()
 
 
-@pytest.fixture(scope="module")
-def phantom_pli(ref):
-    from cytoclr.phantom import PhantomBrain
-    b = PhantomBrain(0, ref=ref)
-    kw = dict(y_mm=-18.0, tilt_deg=(0.0, 0.0), spacing_um=64.0, modality="pli")
-    s0 = b.section(0, **kw)
-    return b, kw, s0, sample_locations([s0], 40, seed=1, ref=ref, level=2)
-
-
-@pytest.mark.parametrize("rotation_deg, flip", [(90.0, False), (0.0, True), (90.0, True)])
-def test_pli_augment_matches_phantom_rendered_turned(phantom_pli, rotation_deg, flip):
-    """Independent check of the direction convention: a phantom section rendered rotated/mirrored on the slide
-    (its direction channel computed from the 3D fibres) must equal our augmentation of the unrotated rendering."""
-    b, kw, s0, smp = phantom_pli
-    s1 = b.section(0, rotation_deg=rotation_deg, flip=flip, **kw)
-    rc0 = smp.rc[np.argsort(-smp.depth)[:6]]  # deep in the cortex: strong radial fibres
-    rc1 = s1.from_reference(s0.to_reference(np.rint(rc0)))
-    aug = Augment("pli")
-    best = []
-    for a, b_ in zip(rc0, rc1):
-        p0, p1 = extract_patch(s0, a, 31), extract_patch(s1, b_, 31)
-        ret = p1[1] > np.percentile(p1[1], 50)  # where the direction is well defined
-        errs = {}
-        for theta in (0.0, 90.0, 180.0, 270.0):
-            for fl in (False, True):
-                q = aug.apply(p0, 31, theta=theta, flip=fl)
-                img_err = np.abs(q[0] - p1[0]).mean()
-                errs[(theta, fl)] = (img_err, np.median(angle_diff(q[2][ret], p1[2][ret])))
-        key = min(errs, key=lambda k: errs[k][0])  # the transform that matches the transmittance image ...
-        best.append(errs[key][1])  # ... must also match the direction channel
-    assert np.median(best) < 12.0, best
-
-
-@pytest.mark.parametrize("modality", ["nissl", "pli"])
-def test_batched_augmentation_equals_the_reference(modality, rng):
-    "Augment.apply_batch (one pass for a batch) gives what Augment.apply gives view by view."
-    aug = Augment(modality, blur=1.2)
-    size = 24
-    h = aug.crop_px(size)
-    c = 1 if modality == "nissl" else 3
-    crops = rng.random((9, c, h, h)).astype(np.float32)
-    if modality == "pli":
-        crops[:, 2] *= 180.0
-    params = [aug.draw(rng) for _ in range(9)]
-    params[0].update(theta=90.0, flip=True)  # the exact rot90 path of the reference
-    params[1].update(sigma=0.0)
-    ref = np.stack([aug.apply(crops[i], size, **params[i]) for i in range(9)])
-    got = aug.apply_batch(torch.from_numpy(crops), size, **{k: [p[k] for p in params] for k in params[0]}).numpy()
-    if modality == "pli":  # directions are angles mod 180: compare on the circle
-        dd = np.abs(got[:, 2] - ref[:, 2])
-        assert np.minimum(dd, 180 - dd).max() < 1e-2
-        got, ref = got[:, :2], ref[:, :2]
-    np.testing.assert_allclose(got, ref, atol=2e-5)
-
-
 def test_dataset_batches_equal_items_and_cache(fake_ref):
     secs, s = _small(fake_ref, n=40)
     a = PatchDataset(secs, s, 16, views=2, augment=Augment("nissl"), seed=1)
@@ -496,3 +345,85 @@ def test_dataset_batches_equal_items_and_cache(fake_ref):
     dl = torch.utils.data.DataLoader(b, batch_sampler=[[0, 1, 2], [3, 4]])
     got = [x["image"].shape for x in dl]  # a DataLoader calls __getitems__ and collates as usual
     assert got == [(3, 2, 1, 16, 16), (2, 2, 1, 16, 16)]
+
+
+# --- the numbers chapter 3 reports ---------------------------------------------------------------
+
+def test_cortex_area_counts_labelled_triangles_only():
+    class Ref:
+        hemis = ("L", "R")
+        mid = {"L": np.array([[0, 0, 0], [3, 0, 0], [0, 4, 0], [9, 9, 0.0]]), "R": np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0.0]])}
+        faces = {"L": np.array([[0, 1, 2], [1, 2, 3]]), "R": np.array([[0, 1, 2]])}
+        labels = {"L": np.array([1, 1, 2, 0]), "R": np.array([1, 1, 1])}
+    assert cortex_area_mm2(Ref()) == pytest.approx(6.0 + 2.0)  # the face with an unlabelled vertex does not count
+
+
+def test_uniform_cortex_positives_by_hand():
+    u = uniform_cortex_positives(11, sigma_mm=2.0, radius_mm=3.0, area_mm2=100.0)
+    assert u["effective"] == pytest.approx(10 * 2 * np.pi * 4 / 100) and u["close"] == pytest.approx(10 * np.pi * 9 / 100)
+
+
+class _Fixed:
+    "A sampler stand-in: the given batches."
+    def __init__(self, batches):
+        self.batches = [np.asarray(b) for b in batches]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def batch(self, t):
+        return self.batches[t]
+
+
+def test_batch_composition_by_hand():
+    # four samples on a line at x = 0, 1, 3, 10 mm; sections 0, 1, 0, 1; brains a, a, b, b
+    n = 4
+    xyz = np.c_[[0.0, 1.0, 3.0, 10.0], np.zeros(n), np.zeros(n)]
+    s = Samples(section=np.array([0, 1, 0, 1]), rc=np.zeros((n, 2)), xyz=xyz, hemi=np.zeros(n, np.int8),
+                vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a", "a", "b", "b"]),
+                depth=np.full(n, 0.5), surface_xyz=xyz)
+    got = batch_composition(s, _Fixed([[0, 1, 2, 3], [0, 3]]), "euclidean", radius_mm=2.5, sigma_mm=1.0, n_batches=5)
+    # batch 1: partners closer than 2.5 mm: 0-1, 1-2 -> per sample 1, 2, 1, 0 (mean 1); pairs (ordered) 0-1, 1-0, 1-2,
+    # 2-1 all cross sections; 0-1 and 1-0 stay in brain a, 1-2 and 2-1 cross brains (1/2). Batch 2: no partners.
+    w = lambda d: np.exp(-d * d / 2)
+    eff1 = np.mean([w(1) + w(3) + w(10), w(1) + w(2) + w(9), w(3) + w(2) + w(7), w(10) + w(9) + w(7)])
+    eff2 = w(10)
+    assert got["n_batches"] == 2 and got["close"] == pytest.approx((1.0 + 0.0) / 2)
+    assert got["effective"] == pytest.approx((eff1 + eff2) / 2)
+    assert got["other_section"] == 1.0 and got["other_brain"] == 0.5
+
+
+class _Depths(FakeSection):
+    "A section whose ground-truth depth grows by 0.1 per column (0 at column 0)."
+    def ground_truth(self, rows, cols):
+        r = np.arange(self.shape[0])[rows]
+        c = np.arange(self.shape[1])[cols]
+        return {"depth": np.broadcast_to(0.1 * c[None, :], (len(r), len(c))).astype(float)}
+
+
+def test_depth_coverage_by_hand():
+    sec = _Depths(np.zeros((1, 40, 40)), spacing_um=1000.0)  # 1 mm per pixel
+    n = 2
+    s = Samples(section=np.zeros(n, np.int64), rc=np.array([[20.0, 5.0], [20.0, 30.0]]), xyz=np.zeros((n, 3)),
+                hemi=np.zeros(n, np.int8), vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a"] * n),
+                depth=np.full(n, 0.5), surface_xyz=np.zeros((n, 3)))
+    seen, spans = depth_coverage([sec], s, [3.0, 11.0], 3)
+    # 3 mm: columns c-2..c+2 (h = round(1.5) = 2) -> range 0.4; 11 mm: h = round(5.5) = 6 -> columns 0..11 around
+    # column 5 (clipped at the image's edge: 0 to 1.1, spans) and 24..36 around column 30 (2.4 to 3.6)
+    np.testing.assert_allclose(seen, [[0.4, 1.1], [0.4, 1.2], [0, 0]])
+    assert spans.tolist() == [[False, True], [False, False], [False, False]]
+    assert span_summary([3.0, 11.0], seen, spans) == {
+        "3mm": {"depth_range_seen": pytest.approx(0.8 / 3), "spans": 0.0},
+        "11mm": {"depth_range_seen": pytest.approx(2.3 / 3), "spans": pytest.approx(1 / 3)}}
+
+
+def test_sampling_metrics_by_hand():
+    n = 3
+    s = Samples(section=np.zeros(n, np.int64), rc=np.zeros((n, 2)), xyz=np.zeros((n, 3)), hemi=np.zeros(n, np.int8),
+                vertex=np.arange(n), area=np.ones(n, np.int64), brain=np.array(["a"] * n), depth=np.full(n, 0.5),
+                surface_xyz=np.zeros((n, 3)))
+    rows = [dict(batch=8, batches="uniform", effective=0.5, close=1.0, other_section=0.25, other_brain=0.0, n_batches=2)]
+    m = sampling_metrics(s, 1.5, "geodesic", 100.0, {"4mm": {}}, rows, {"crop_ms": 2.0})["sampling"]
+    assert m == {"n_locations": 3, "sample_seconds": 1.5, "distance": "geodesic", "cortex_area_mm2": 100.0,
+                 "spans_cortex": {"4mm": {}}, "speed": {"crop_ms": 2.0},
+                 "positives": {"uniform_8": {"effective": 0.5, "close": 1.0, "other_section": 0.25, "other_brain": 0.0}}}

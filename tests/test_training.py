@@ -15,64 +15,15 @@ import torch.nn as nn
 
 from cytoclr import training as T
 from cytoclr.core import DataError
-from cytoclr.geodesic import geodesic_weights
+from cytoclr.geodesic import geodesic_weights, straight_line
 from cytoclr.losses import spatial_nce
-from cytoclr.sampling import straight_line
+from cytoclr.training_data import ToyBatches, ToyPatches
 from helpers import Bomb, Interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- stand-ins (tiny, seeded)
-class ToyData(torch.utils.data.Dataset):
-    "n locations with positions; each image is a function of the position plus seeded (seed, epoch, index) noise."
-
-    def __init__(self, n=40, px=8, views=2, seed=0, nan_at=None):
-        g = np.random.default_rng(7)
-        self.xyz = g.uniform(-20, 20, (n, 3)).astype(np.float32)
-        self.hemi = (self.xyz[:, 0] > 0).astype(np.int64)
-        self.vertex = np.arange(n)
-        self.area = 1 + (self.xyz[:, 1] > 0) + 2 * (self.xyz[:, 2] > 0)
-        self.area[:3] = 0  # a few samples without an area
-        self.px, self.views, self.seed, self.epoch = px, views, seed, 0
-        self.nan_at = nan_at  # (epoch, index) whose image is NaN
-        yy, xx = np.mgrid[:px, :px] / px
-        self.base = np.stack([np.sin(x * 6 * xx + y * 6 * yy + z) for x, y, z in self.xyz / 20]).astype(np.float32)
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def __len__(self):
-        return len(self.xyz)
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        img = self.base[i][None, None] + 0.3 * rng.standard_normal((self.views, 1, self.px, self.px)).astype(np.float32)
-        if self.nan_at == (self.epoch, i):
-            img[:] = np.nan
-        return dict(image=torch.from_numpy(img), index=i, xyz=torch.from_numpy(self.xyz[i]),
-                    hemi=int(self.hemi[i]), vertex=int(self.vertex[i]), area=int(self.area[i]), section=0)
-
-
-class ToySampler:
-    "Global batches of `batch_size * world_size` from a per-epoch permutation; rank r takes its slice."
-
-    def __init__(self, n, batch_size, seed=0, rank=0, world_size=1):
-        self.n, self.b, self.seed, self.rank, self.world, self.epoch = n, batch_size, seed, rank, world_size, 0
-
-    def set_epoch(self, e):
-        self.epoch = e
-
-    def __len__(self):
-        return self.n // (self.b * self.world)
-
-    def __iter__(self):
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        g = self.b * self.world
-        for t in range(len(self)):
-            yield perm[t * g + self.rank * self.b: t * g + (self.rank + 1) * self.b].tolist()
-
-
+# ---------------------------------------------------------------- stand-ins (tiny, seeded; the data: cytoclr.training_data)
 class ToyModel(nn.Module):
     "Encoder + head with the ContrastiveModel interface; optional dropout makes torch's RNG state matter."
 
@@ -96,7 +47,7 @@ class ToyDistances:
     "Stand-in for cytoclr.geodesic.SurfaceDistances: 'geodesic' = 1.2 x straight line of the toy positions."
 
     def matrix(self, hemi, vertex, kind="geodesic"):
-        d = straight_line(ToyData().xyz[np.asarray(vertex)], hemi_a=np.asarray(hemi))
+        d = straight_line(ToyPatches().xyz[np.asarray(vertex)], hemi_a=np.asarray(hemi))
         return d * 1.2 if kind == "geodesic" else d
 
     def weights(self, hemi, vertex, sigma_mm, kind="gaussian", metric="geodesic", device="cpu"):
@@ -115,7 +66,7 @@ def cfg_(**kw):
 
 
 def stream(n=40, b=8, nan_at=None, rank=0, world=1, views=2):
-    return T.BatchStream(ToyData(n, views=views, nan_at=nan_at), ToySampler(n, b, rank=rank, world_size=world))
+    return T.BatchStream(ToyPatches(n, views=views, nan_at=nan_at), ToyBatches(n, b, rank=rank, world_size=world))
 
 
 
@@ -132,28 +83,7 @@ def losses_of(run_dir, method, modality="nissl"):
     return [(r["step"], r["loss"]) for r in T.read_log(T.log_dir(run_dir, modality, method) / "log.csv")]
 
 
-# ---------------------------------------------------------------- schedule and config
-def test_lr_factor_warmup_then_cosine():
-    f = [T.lr_factor(s, 100, 10, 0.1) for s in range(100)]
-    assert np.allclose(f[:10], np.arange(1, 11) / 10)  # linear warm-up reaching the peak at step 9
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then non-increasing
-    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
-    assert T.lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)  # cosine midpoint
-
-
-@pytest.mark.parametrize("field,value", [("method", "byol"), ("steps", 0), ("tau", 0.0), ("lr", float("nan")),
-                                         ("views", 3), ("amp", "fp16"), ("weight_kind", "box")])
-def test_config_rejects_bad_values(field, value):
-    with pytest.raises(DataError) as e:
-        cfg_(**{field: value}).validate()
-    assert e.value.field == field
-
-
-def test_simclr_needs_two_views():
-    with pytest.raises(DataError, match="two views"):
-        cfg_(method="simclr", views=1).validate()
-
-
+# ---------------------------------------------------------------- config (schedule and validation: test_training_config.py)
 def test_split_config_rejects_typos():
     with pytest.raises(DataError) as e:
         T.split_config({"lerning_rate": 1})
@@ -178,7 +108,7 @@ def test_weightings_match_formulas(rng):
     assert torch.equal(fn(index), (index[:, None] == index[None, :]).float())
     # geodesic and euclidean read the same surface points, each with its own metric, slow reference from the formula
     vert = torch.arange(n)
-    xyz = ToyData().xyz[:n]
+    xyz = ToyPatches().xyz[:n]
     for method, factor in (("geodesic", 1.2), ("euclidean", 1.0)):
         keys, fn = T.make_weighting(method, sigma, distances=ToyDistances())
         assert keys == ("hemi", "vertex")
@@ -320,24 +250,9 @@ def test_an_unchanged_book_run_resumes_and_a_cli_checkpoint_is_never_overwritten
     assert e.value.field == "code_fingerprint" and ckpt_of(cli, "simclr").read_bytes() == kept
 
 
-def test_run_identity_sees_the_manifest_content(tmp_path):
-    import shutil
-    from cytoclr.sections import load_manifest
-    shutil.copy(ROOT / "data_manifest.yml", tmp_path / "m.yml")
-    d = T.DataConfig(manifest=str(tmp_path / "m.yml"))
-    a = T.run_identity(d, load_manifest(tmp_path / "m.yml"))
-    assert "manifest" not in a["data"] and a["data"]["patch_px"] == d.patch_px
-    (tmp_path / "m.yml").write_text((tmp_path / "m.yml").read_text().replace(
-        "{id: phantom-0, phantom: {seed: 0}}", "{id: phantom-0, phantom: {seed: 0}, description: a}"))
-    b = T.run_identity(d, load_manifest(tmp_path / "m.yml"))
-    assert b["data_fingerprint"] != a["data_fingerprint"] and b["code_fingerprint"] == a["code_fingerprint"]
-    moved = T.DataConfig(manifest="elsewhere/m.yml")  # the same content under another name: the same identity
-    assert T.run_identity(moved, load_manifest(tmp_path / "m.yml")) == b
-
-
 def test_nan_input_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     # the NaN sample: the first index of epoch 1's third batch (global step 8)
-    s = ToySampler(40, 8)
+    s = ToyBatches(40, 8)
     s.set_epoch(1)
     bad = list(s)[2][0]
     data = stream(nan_at=(1, bad))
@@ -372,6 +287,48 @@ def test_single_view_batches_and_missing_fields(tmp_path):
     with pytest.raises(DataError, match="no field"):
         T.train(cfg_(method="euclidean", steps=3), stream(), tmp_path / "x", model=ToyModel(), progress=False,
                 weighting=(("depth",), lambda d: d))
+
+
+def test_final_loss_is_the_mean_of_the_last_logged_losses():
+    assert T.final_loss([4.0, 3.0, 2.0, 1.0], [9.0], 2) == 1.5
+    assert T.final_loss([4.0, 3.0], [9.0], 10) == 3.5  # fewer rows than log_every: all of them
+    assert T.final_loss([], [2.0, 4.0], 3) == 3.0  # a rank without a log: its own recent losses
+
+
+def test_training_metrics_by_hand(tmp_path):
+    r = T.TrainResult("supcon", 12, 0.75, 300.0, tmp_path / "c.pt", tmp_path / "log.csv")
+    m = T.training_metrics(cfg_(method="supcon", modality="pli"), r, world=2)
+    assert m == {"training": {"pli": {"supcon": {"final_loss": 0.75, "images_per_second": 300.0, "steps": 12,
+                                                 "world_size": 2}}}}
+    T.record_training(tmp_path, cfg_(method="supcon"), r)
+    got = json.loads((tmp_path / "metrics.json").read_text())["training"]["nissl"]["supcon"]
+    assert got == {"final_loss": 0.75, "images_per_second": 300.0, "steps": 12, "world_size": 1}
+
+
+def test_reported_final_loss_and_steps_come_from_the_log(tmp_path):
+    cfg = cfg_(steps=7, log_every=3)
+    r = T.train(cfg, stream(), tmp_path, model=ToyModel(), progress=False)
+    rows = T.read_log(T.log_dir(tmp_path, "nissl", "simclr") / "log.csv")
+    assert r.steps == 7 and r.final_loss == pytest.approx(np.mean([x["loss"] for x in rows[-3:]]), rel=0, abs=0)
+    m = json.loads((tmp_path / "metrics.json").read_text())["training"]["nissl"]["simclr"]
+    assert m["final_loss"] == r.final_loss and m["steps"] == 7 and m["images_per_second"] == r.images_per_second
+
+
+def test_richest_neighbourhood_by_hand():
+    D = np.array([[0, 1, 4, 9], [1, 0, 2, 3], [4, 2, 0, 1], [9, 3, 1, 0.0]])
+    close, c, near = T.richest_neighbourhood(D, 2.5, 2)
+    assert close.tolist() == [1, 2, 2, 1] and c == 1 and near.tolist() == [1, 0, 2]  # the first of equals; 2 closest
+
+
+def test_anchoring_in_miniature_by_hand():
+    xyz = np.array([[0, 0, 0], [3, 0, 0], [20, 0, 0], [0, 4, 0.0]])
+    hemi = np.array([0, 0, 0, 1])
+    f = np.array([[1, 0], [0.96, 0.28], [0, 1], [1, 0.0]])  # unit rows (cosine similarity = dot product)
+    d = T.nearest_feature_neighbours(f, xyz, hemi)
+    # 0 -> 3 (other hemisphere: inf), 1 -> 0 (3 mm; 3 is as similar, the first wins), 2 -> 1 (17 mm), 3 -> 0 (inf)
+    assert d.tolist() == [np.inf, 3.0, 17.0, np.inf]
+    assert T.neighbour_summary(d) == {"median_mm": np.inf, "within_10mm": 0.25}
+    assert T.neighbour_summary(np.array([1.0, 12.0, 3.0])) == {"median_mm": 3.0, "within_10mm": pytest.approx(2 / 3)}
 
 
 # ---------------------------------------------------------------- loading encoders
@@ -493,8 +450,7 @@ def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_training_samples", lambda dcfg, *a, **kw: (None, None, None))
     monkeypatch.setattr(T, "build_data", lambda dcfg, cfg, *a, **kw: stream(b=cfg.batch_size))
     monkeypatch.setattr(T, "run_identity", lambda dcfg, man: IDENTITY)
-    import cytoclr.sections as S
-    monkeypatch.setattr(S, "load_manifest", lambda p: _Manifest())
+    monkeypatch.setattr(T, "load_manifest", lambda p: type("Manifest", (), {"reference": "REF"})())
     monkeypatch.setattr(T, "surface_distances", lambda ref, **kw: toy_distances)
     monkeypatch.setattr(T, "build_model", lambda cfg: ToyModel(seed=cfg.seed))
     cfg = tmp_path / "train.yml"
@@ -508,32 +464,6 @@ def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- training data restricted to some brains
-class _Sec:
-    def __init__(self, brain, index):
-        self.brain, self.section = brain, index
-
-
-class _Manifest:
-    path, reference = "m.yml", "REF"
-
-    def split(self, split, modality):
-        return [_Sec(b, i) for b in ("b0", "b1") for i in range(3)]
-
-
-def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
-    import cytoclr.sampling as S
-    monkeypatch.setattr(S, "sample_locations", lambda secs, n, seed, ref, level: ("samples", len(secs)))
-    secs, smp, ref = T.load_training_samples(T.DataConfig(brains=["b1"]), _Manifest())
-    assert [s.brain for s in secs] == ["b1"] * 3 and smp == ("samples", 3) and ref == "REF"
-    secs, *_ = T.load_training_samples(T.DataConfig(brains="b0", max_sections=2), _Manifest())
-    assert [(s.brain, s.section) for s in secs] == [("b0", 0), ("b0", 2)]  # spread within the chosen brain
-    assert len(T.load_training_samples(T.DataConfig(), _Manifest())[0]) == 6  # None: every brain
-    for bad in (["b7"], []):
-        with pytest.raises(DataError) as e:
-            T.load_training_samples(T.DataConfig(brains=bad), _Manifest())
-        assert e.value.field == "brains" and "b0" in str(e.value) and e.value.file == "m.yml"
-
-
 # ---------------------------------------------------------------- several runs at once
 def _jobs(run_dir, methods, nan_at=None):
     return [T.TrainJob(cfg_(method=m, steps=8),
