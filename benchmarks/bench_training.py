@@ -208,7 +208,7 @@ def manifest_at(spacing_um: float, folder: Path) -> Path:
 
 
 def real(a):
-    from cytoclr.sections import load_manifest
+    from cytoclr.manifest import load_manifest
     cut = 30.0
     cfg = T.TrainConfig(method="geodesic", modality="nissl", arch="quick", steps=a.real_steps, batch_size=a.batch,
                         views=2, checkpoint_every=max(1, a.real_steps // 2), log_every=10, warmup_steps=5).validate()
@@ -333,7 +333,7 @@ def real(a):
 def parallel(a):
     """Part 3: the chapter's runs side by side (`train_many`, one core each) vs one after another on every core
     (`train` in a loop: what a user writes). Two Nissl and two PLI runs of the real data path."""
-    from cytoclr.sections import load_manifest
+    from cytoclr.manifest import load_manifest
     man = load_manifest(str(ROOT / "data_manifest.yml"))
     dist = T.surface_distances(man.reference, 30.0, progress=False)
     jobs_of = []  # (cfg, data) of every run; the data streams are built once and shared by both sides

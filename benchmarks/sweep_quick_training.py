@@ -49,7 +49,7 @@ import yaml
 
 from cytoclr.models import embed
 from cytoclr.sampling import PatchDataset, sample_locations
-from cytoclr.sections import load_manifest
+from cytoclr.manifest import load_manifest
 from cytoclr.checkpoints import load_model
 from cytoclr.training import train
 from cytoclr.training_config import TrainConfig, build_model

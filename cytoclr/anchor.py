@@ -20,7 +20,8 @@ from .core import (DataError, MetricKeys as K, atomic_path, check_number, path_f
 from .models import embed
 from .reference import load_reference
 from .sampling import extract_patch, mask_grid
-from .sections import ImageMask, ImageSection, TissueMask, open_image
+from .readers import open_image
+from .sections import ImageMask, ImageSection, TissueMask
 from .training import TrainConfig, build_model, load_checkpoint
 
 # %% auto #0

@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

@@ -166,10 +166,10 @@ def _dispatch(args) -> int:
         html = build_book(args.run, args.out)
         print(f"book built: open {html}")
     elif args.command == "data":
-        from cytoclr.sections import check_manifest_cli
+        from cytoclr.manifest_check import check_manifest_cli
         return check_manifest_cli(args.manifest, checksums=not args.no_checksums)
     elif args.command == "phantom":
-        from cytoclr.sections import export_phantom_cli
+        from cytoclr.export import export_phantom_cli
         return export_phantom_cli(out=args.out, brains=args.brains, sections=args.sections, spacing_um=args.spacing_um,
                                   modality=args.modality, seed=args.seed, format=args.format, axis=args.axis,
                                   positions=args.positions)

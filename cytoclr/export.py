@@ -17,7 +17,7 @@ import yaml
 from .core import DataError, atomic_path, check_number, path_fingerprint, source_fingerprint, write_json_atomic
 from .core import MetricKeys as K
 from .core import progress as _progress  # tqdm, its line mirrored to the runner's status
-from .manifest import DATA, Manifest, load_manifest, manifest_counts
+from .manifest import Manifest, load_manifest, manifest_counts
 from .phantom import PHANTOM_CODE, PhantomBrain
 from .reference import load_reference
 from .sections import MODALITIES, mask_shape

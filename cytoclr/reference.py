@@ -5,7 +5,6 @@
 # %% ../nbs/00_reference.ipynb #5e446508
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -5,7 +5,6 @@
 # %% ../nbs/02_sections.ipynb #5c268e8a
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -17,7 +16,7 @@ from skimage.filters import threshold_otsu
 
 from .core import DataError, check_number
 from .readers import ImageReader, _span
-from .readers import open_image  # noqa: F401 (re-exported for existing callers: it moved to readers)
+
 
 # %% auto #0
 __all__ = ['MODALITIES', 'FILL', 'Section', 'mask_shape', 'to_reference', 'from_reference', 'check_affine', 'ImageMask',
@@ -289,17 +288,3 @@ class ImageSection:
             m.setflags(write=False)
             self._masks[level] = m
         return self._masks[level]
-
-# %% ../nbs/02_sections.ipynb #6c96f111
-# Re-exported for existing callers: these names moved to `cytoclr.manifest`, `cytoclr.manifest_check` and
-# `cytoclr.export` and are still found here. Looked up on first use (a module `__getattr__`), because those modules
-# import this one: importing them at the top of this module would make an import circle.
-_MOVED = {"manifest": ("load_manifest", "manifest_fingerprint"), "manifest_check": ("check_manifest_cli",),
-          "export": ("export_phantom", "export_phantom_cli")}
-
-
-def __getattr__(name):
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(f"cytoclr.{module}"), name)
-    raise AttributeError(f"module 'cytoclr.sections' has no attribute '{name}'")

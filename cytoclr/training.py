@@ -28,7 +28,7 @@ from .core import (DataError, MetricKeys as K, fork_map, parse_assignment, read_
 from .core import progress as tqdm  # tqdm, its line mirrored to the runner's status
 from .geodesic import straight_line
 from .losses import clip_loss_distributed, spatial_nce_distributed
-from .sections import load_manifest
+from .manifest import load_manifest
 # the pieces of the loop live in their own modules; later chapters import them from here, as before
 from .training_config import (CLIP_METHODS, METHODS, MODALITIES, RESUMABLE_CHANGES, TrainConfig, build_model,
                                      lr_factor, make_optimizer, make_weighting)

@@ -17,7 +17,7 @@ import torch
 from .core import DataError, source_fingerprint
 from .geodesic import SurfaceDistances
 from .sampling import Augment, NeighbourhoodBatchSampler, PatchDataset, sample_locations
-from .sections import load_manifest, manifest_fingerprint
+from .manifest import load_manifest, manifest_fingerprint
 from .training_config import TrainConfig
 
 

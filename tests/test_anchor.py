@@ -17,7 +17,8 @@ def exported(tmp_path_factory):
     from cytoclr.anchoring import Frame, encoder_space
     from cytoclr.models import embed
     from cytoclr.sampling import extract_patch, mask_grid
-    from cytoclr.sections import export_phantom, load_manifest
+    from cytoclr.export import export_phantom
+    from cytoclr.manifest import load_manifest
     from cytoclr.training import TrainConfig, checkpoint_path, train
     
     d = tmp_path_factory.mktemp("anchor")

@@ -178,7 +178,7 @@ def test_image_features_are_rotation_invariant(rng):
 
 
 def test_phantom_frames_leave_out_the_planes_near_test_planes(ref):
-    from cytoclr.sections import load_manifest
+    from cytoclr.manifest import load_manifest
     from pathlib import Path
     man = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yml")
     tests = [s for s in man.split("test", "nissl") if s.brain == "phantom-0"]

@@ -24,7 +24,7 @@ from cytoclr.core import read_yaml_mapping
 from cytoclr.geodesic import _cache_stem, cache_dir
 from cytoclr.models import embed
 from cytoclr.sampling import MAX_MASK_CELLS, PatchDataset, sample_locations, sampling_level
-from cytoclr.sections import load_manifest
+from cytoclr.manifest import load_manifest
 from cytoclr.training import split_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -176,7 +176,7 @@ def test_editing_the_manifest_reruns_the_chapters_that_read_it(tmp_path):
 
 
 def test_a_file_named_by_the_manifest_without_checksum_is_part_of_the_key(tmp_path):
-    from cytoclr.sections import manifest_fingerprint
+    from cytoclr.manifest import manifest_fingerprint
     (tmp_path / "mask.png").write_bytes(b"one")
     man = tmp_path / "m.yml"
     man.write_text("sections:\n  - {path: a.png, sha256: " + "0" * 64 + ", mask: {path: mask.png}}\n")

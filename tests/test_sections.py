@@ -176,16 +176,3 @@ def test_polygon_and_image_masks():
     assert np.array_equal(up, m[::4, ::4][r // 4, c // 4])
 
 
-def test_moved_names_are_still_found_in_sections():
-    "Callers that import the manifest, the check or the export from `cytoclr.sections` still find them."
-    import cytoclr.export
-    import cytoclr.manifest
-    import cytoclr.manifest_check
-    import cytoclr.readers
-    import cytoclr.sections as S
-    assert S.load_manifest is cytoclr.manifest.load_manifest and S.manifest_fingerprint is cytoclr.manifest.manifest_fingerprint
-    assert S.check_manifest_cli is cytoclr.manifest_check.check_manifest_cli
-    assert S.export_phantom is cytoclr.export.export_phantom and S.export_phantom_cli is cytoclr.export.export_phantom_cli
-    assert S.open_image is cytoclr.readers.open_image
-    with pytest.raises(AttributeError):
-        S.no_such_name

@@ -57,7 +57,7 @@ def test_data_config_rejects_unknown_fields():
 
 
 def test_run_identity_sees_the_manifest_content(tmp_path):
-    from cytoclr.sections import load_manifest
+    from cytoclr.manifest import load_manifest
     shutil.copy(ROOT / "data_manifest.yml", tmp_path / "m.yml")
     d = DataConfig(manifest=str(tmp_path / "m.yml"))
     a = run_identity(d, load_manifest(tmp_path / "m.yml"))
