@@ -20,7 +20,6 @@ comparison of the work itself.
 """
 import argparse
 import signal
-import statistics
 import sys
 import time
 

@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from cytoclr.models import embed

@@ -13,7 +13,6 @@ from cytoclr.core import DataError
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     "A phantom section exported as a tiled TIFF with its mask, a seeded encoder checkpoint and its frame of that section."
-    import torch
     from cytoclr.anchoring import Frame, encoder_space
     from cytoclr.models import embed
     from cytoclr.sampling import extract_patch, mask_grid

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cytoclr.anchoring import (Frame, anchor_errors, anchoring_scores, chance_anchoring, cosine_topk, encoder_space,
-                               evaluate_anchoring, frame_sections, image_features, nearest_in_frame, plane_distance,
-                               pooled_scores, rank_of, retrieve, section_plane, standardise, topk_accuracy,
+                               evaluate_anchoring, frame_sections, image_features, nearest_in_frame, pooled_scores, rank_of, retrieve, section_plane, standardise, topk_accuracy,
                                usable_frame, weights_fingerprint)
 from cytoclr.core import DataError
 

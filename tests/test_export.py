@@ -1,27 +1,16 @@
 "`cytoclr phantom export`: files and manifest, atomic, resumable, byte-identical; the round trip chapter 2 reports."
-import importlib.util
-import os
-import pickle
-import subprocess
-import sys
-import tracemalloc
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-import tifffile
-import yaml
-import zarr
-from PIL import Image
 
-from cytoclr.core import DataError, path_fingerprint
+from cytoclr.core import DataError
 from cytoclr.export import (ROUND_TRIP_MAX_ABS_DIFF, data_metrics, default_splits, export_phantom, export_phantom_cli,
                             phantom_y_positions, round_trip_differences, round_trip_pairs)
 from cytoclr.manifest import load_manifest
 from cytoclr.manifest_check import check_manifest_cli, validate_manifest
 
-from test_sections import HAS_PHANTOM, FakeBrain, _Ref
+from helpers import HAS_PHANTOM, FakeBrain, _Ref
 
 
 class ExportBrain(FakeBrain):

@@ -1,18 +1,12 @@
 "`cytoclr data check`: every problem reported once, with its field path and line; exit code 1; never a traceback."
-import importlib.util
-import os
-import pickle
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import yaml
-import zarr
 from PIL import Image
 
 from cytoclr.core import DataError, path_fingerprint
@@ -20,8 +14,8 @@ from cytoclr.manifest import load_manifest
 from cytoclr.manifest_check import check_manifest_cli
 from cytoclr.readers import open_image
 
-from test_manifest import _good_manifest, _write
-from test_sections import HAS_PHANTOM
+from helpers import NOT_MANIFESTS, WRONG_TYPES, _good_manifest, _wrong, _write
+from helpers import HAS_PHANTOM
 
 def _break(kind, man, tmp_path):
     "Apply one kind of damage; return (expected field path, expected phrase)."
@@ -219,7 +213,6 @@ def test_jpeg_tiled_pyramidal_tiff_as_scanners_write_it(tmp_path, ref, capsys):
 
 
 # ---------------------------------------------------------------- malformed input through the command
-from test_manifest import NOT_MANIFESTS, WRONG_TYPES, _wrong  # noqa: E402
 
 
 def _clean(out: str, err: str):

@@ -7,7 +7,7 @@ import torch
 
 import cytoclr.losses
 import cytoclr.models
-from cytoclr.models import (ARCHS, PLI_CHANNELS, BasicBlock, Bottleneck, ContrastiveModel, Encoder, ProjectionHead,
+from cytoclr.models import (ARCHS, PLI_CHANNELS, BasicBlock, Bottleneck, ContrastiveModel, ProjectionHead,
                             build_encoder, count_parameters, embed, encode_pli, encoder_metrics, encoder_table, input_channels,
                             measure_throughput)
 from cytoclr.core import DataError

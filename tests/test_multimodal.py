@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cytoclr import training as T
-from cytoclr.anchoring import rank_of
 from cytoclr.core import DataError
 from helpers import Bomb, Interrupt
 from cytoclr.core import MetricKeys as K
@@ -338,7 +337,7 @@ def test_predict_pli_baselines_by_hand(rng):
 
 def test_pli_in_nissl_frame_pools_the_placed_sections():
     "PLI test patches on y = -10, a Nissl frame on y = 0 with a perfect shared code: every anchor 10 mm away."
-    from cytoclr.anchoring import Frame, anchoring_scores
+    from cytoclr.anchoring import anchoring_scores
     from test_alignment import _plane_setup
     q, fr, planes = _plane_setup()
     secs = [SimpleNamespace(brain="b", series="coronal", spacing_um=500.0)]

@@ -6,6 +6,7 @@ from cytoclr.core import DataError
 from cytoclr.phantom import (AREA_TYPES, PhantomBrain, accuracy_difference_se, area_type_index, area_type_of,
                              depth_profile, displacement_summary, gallery_centres, laminar_profile, patch_at,
                              patch_centres, profile_classification, profile_dataset, spacing_check)
+from helpers import cortex_centre
 
 
 @pytest.fixture(scope="module")
@@ -13,18 +14,11 @@ def brain(ref):
     return PhantomBrain(1, ref=ref)
 
 
-def _cortex_centre(sec, rng, level=4):
-    "A random pixel whose neighbourhood is cortex (from the level-4 mask)."
-    r, c = np.nonzero(sec.cortex_mask(level))
-    i = rng.integers(len(r))
-    return int(r[i] * 2 ** level), int(c[i] * 2 ** level)
-
-
 def test_same_seed_same_bytes_different_seed_different_brain(ref, rng):
     a, b, c = PhantomBrain(5, ref=ref), PhantomBrain(5, ref=ref), PhantomBrain(6, ref=ref)
     for mod in ("nissl", "pli"):
         sa, sb, sc = (x.section(3, spacing_um=64, modality=mod) for x in (a, b, c))
-        r, cc = _cortex_centre(sa, rng)
+        r, cc = cortex_centre(sa, rng)
         w = (slice(r - 40, r + 40), slice(cc - 40, cc + 40))
         assert np.array_equal(sa.read(*w), sb.read(*w))
         assert not np.array_equal(sa.read(*w), sc.read(*w))

@@ -14,13 +14,6 @@ def brain(ref):
     return PhantomBrain(1, ref=ref)
 
 
-def _cortex_centre(sec, rng, level=4):
-    "A random pixel whose neighbourhood is cortex (from the level-4 mask)."
-    r, c = np.nonzero(sec.cortex_mask(level))
-    i = rng.integers(len(r))
-    return int(r[i] * 2 ** level), int(c[i] * 2 ** level)
-
-
 def test_hash_uniform_is_deterministic_and_uniform():
     u = hash_uniform(3, np.arange(50_000), 7)
     assert np.array_equal(u, hash_uniform(3, np.arange(50_000), 7))

@@ -6,18 +6,12 @@ from scipy import stats
 from cytoclr import phantom_rendering as R
 from cytoclr.phantom import PhantomBrain, area_base_name, depth_profile
 from cytoclr.phantom_rendering import POISSON_MU_BINS, POISSON_U_BINS, _poisson, poisson_table
+from helpers import cortex_centre
 
 
 @pytest.fixture(scope="module")
 def brain(ref):
     return PhantomBrain(1, ref=ref)
-
-
-def _cortex_centre(sec, rng, level=4):
-    "A random pixel whose neighbourhood is cortex (from the level-4 mask)."
-    r, c = np.nonzero(sec.cortex_mask(level))
-    i = rng.integers(len(r))
-    return int(r[i] * 2 ** level), int(c[i] * 2 ** level)
 
 
 def test_poisson_sampler_matches_scipy(rng):
@@ -42,7 +36,7 @@ def test_poisson_table_matches_scipy():
                                                             (32.0, "pli", 0.0, False), (8.0, "pli", 0.0, True)])
 def test_window_consistency(brain, rng, spacing, modality, rotation, flip):
     sec = brain.section(0, spacing_um=spacing, modality=modality, rotation_deg=rotation, flip=flip)
-    r, c = _cortex_centre(sec, rng)
+    r, c = cortex_centre(sec, rng)
     big = sec.read(slice(r - 120, r + 130), slice(c - 110, c + 100))
     for dr, dc, h, w in ((0, 0, 250, 210), (13, 57, 64, 64), (200, 3, 50, 1), (121, 99, 1, 1)):
         small = sec.read(slice(r - 120 + dr, r - 120 + dr + h), slice(c - 110 + dc, c - 110 + dc + w))
@@ -53,7 +47,7 @@ def test_read_values_and_channels(brain, rng):
     n = brain.section(0, spacing_um=32)
     p = brain.section(0, spacing_um=32, modality="pli")
     assert n.channels == 1 and p.channels == 3 and p.channel_names == ("transmittance", "retardation", "direction")
-    r, c = _cortex_centre(n, rng)
+    r, c = cortex_centre(n, rng)
     w = (slice(r - 64, r + 64), slice(c - 64, c + 64))
     x, y = n.read(*w), p.read(*w)
     assert x.shape == (1, 128, 128) and y.shape == (3, 128, 128) and x.dtype == y.dtype == np.float32
@@ -67,7 +61,7 @@ def test_read_values_and_channels(brain, rng):
 def test_pli_row_then_column_path_equals_per_pixel_lookups(brain, rng, spacing, flip):
     "On unrotated sections PLI interpolates along rows, then columns: the same image as bilinear lookups per pixel."
     sec = brain.section(0, spacing_um=spacing, modality="pli", flip=flip)
-    r, c = _cortex_centre(sec, rng)
+    r, c = cortex_centre(sec, rng)
     fast = sec._pli(r - 100, r + 100, c - 90, c + 110)
     slow = sec._pli(r - 100, r + 100, c - 90, c + 110, separable=False)
     assert fast.shape == slow.shape == (3, 200, 200)
@@ -101,7 +95,7 @@ def test_cell_density_follows_the_profile(brain, rng):
     "Cells drawn in a window vs the profile's density integrated over it (exact layer formula, not the table)."
     sec = brain.section(0, spacing_um=8, tilt_deg=(0, 0))
     for _ in range(3):
-        r, c = _cortex_centre(sec, rng)
+        r, c = cortex_centre(sec, rng)
         w = (slice(r - 150, r + 150), slice(c - 150, c + 150))
         cells = sec.cells(*w)
         rr, cc = np.meshgrid(np.arange(r - 150, r + 150), np.arange(c - 150, c + 150), indexing="ij")
@@ -118,7 +112,7 @@ def test_cell_density_follows_the_profile(brain, rng):
 
 def test_pyramids_point_to_the_pia_and_giants_live_in_agranular_layer_v(brain, rng):
     sec = brain.section(0, spacing_um=4, tilt_deg=(0, 0))
-    r, c = _cortex_centre(sec, rng)
+    r, c = cortex_centre(sec, rng)
     cl = sec.cells(slice(r - 200, r + 200), slice(c - 200, c + 200))
     assert np.allclose(np.linalg.norm(cl["direction"], axis=1), 1)
     giant = cl["kind"] == 3
@@ -152,7 +146,7 @@ def test_strips_render_the_same_bits_as_one_window(brain, rng, monkeypatch):
     "A large window is rendered in strips of rows (`READ_TILE_PX`): the same bits as in one piece."
     for spacing, modality in ((32.0, "nissl"), (32.0, "pli"), (4.0, "nissl")):
         sec = brain.section(1, spacing_um=spacing, modality=modality)
-        r, c = _cortex_centre(sec, rng)
+        r, c = cortex_centre(sec, rng)
         w = (slice(r - 40, r + 41), slice(c - 30, c + 30))
         whole = sec.read(*w)
         monkeypatch.setattr(R, "READ_TILE_PX", 7 * 60)  # strips of 7 rows
@@ -163,7 +157,7 @@ def test_strips_render_the_same_bits_as_one_window(brain, rng, monkeypatch):
 
 def test_giant_cells_have_the_giant_diameter(brain, rng):
     sec = brain.section(0, spacing_um=4, tilt_deg=(0, 0))
-    r, c = _cortex_centre(sec, rng)
+    r, c = cortex_centre(sec, rng)
     cl = sec.cells(slice(r - 200, r + 200), slice(c - 200, c + 200))
     d = cl["diameter_um"][cl["kind"] == 3]
     assert ((d >= 0.75 * R.GIANT_UM) & (d <= 1.25 * R.GIANT_UM)).all()

@@ -1,26 +1,20 @@
 "Image readers: windows of OME-Zarr, TIFF, PNG/JPEG and NIfTI; only the chunks a window needs; files that are not images."
-import importlib.util
 import os
-import pickle
-import subprocess
-import sys
 import tracemalloc
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import yaml
 import zarr
 from PIL import Image
 
-from cytoclr.core import DataError, path_fingerprint
+from cytoclr.core import DataError
 from cytoclr.export import write_section_zarr
 from cytoclr.readers import TiffReader, ZarrReader, open_image
 from cytoclr.sections import ImageMask, ImageSection
 
-from test_sections import FakeSection, coronal_affine
+from helpers import FakeSection, coronal_affine
 
 # ---------------------------------------------------------------- readers
 def test_zarr_reader_windows_and_levels(tmp_path):

@@ -3,7 +3,7 @@ import nibabel as nib
 import pytest
 
 from cytoclr.core import DataError
-from cytoclr.reference import (ReferenceBrain, check_mesh, load_gifti_reference, load_reference,
+from cytoclr.reference import (check_mesh, load_gifti_reference, load_reference,
                                plane_contours, read_gifti_surface)
 
 

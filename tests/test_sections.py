@@ -1,80 +1,17 @@
 "Sections and transforms: the `Section` interface, `ImageSection`, masks, `check_affine` (and fakes the other data tests share)."
-import importlib.util
-import os
 import pickle
-import subprocess
-import sys
-import tracemalloc
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import yaml
-import zarr
 from PIL import Image
 
-from cytoclr.core import DataError, path_fingerprint
+from cytoclr.core import DataError
 from cytoclr.readers import open_image
-from cytoclr.sections import (FILL, ImageMask, ImageSection, PolygonMask, check_affine, from_reference, mask_shape,
-                              to_reference)
+from cytoclr.sections import (FILL, ImageMask, ImageSection, PolygonMask, check_affine, from_reference, to_reference)
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_PHANTOM = importlib.util.find_spec("cytoclr.phantom") is not None
+from helpers import coronal_affine
 
-
-# ---------------------------------------------------------------- a fake phantom (export mechanics only)
-def coronal_affine(spacing_mm, x0=-80.0, y=-18.0, z0=75.0):
-    "Rows go down (-z), columns go right (+x), on the plane MNI y = y."
-    return np.array([[0.0, spacing_mm, x0], [0.0, 0.0, y], [-spacing_mm, 0.0, z0]])
-
-
-class FakeSection:
-    "Deterministic per-pixel values, so any window equals the same part of any other window."
-
-    def __init__(self, seed, index, y_mm, spacing_um, modality, shape=(130, 170), fail_after=None):
-        self.seed, self.index, self.spacing_um, self.modality = seed, index, spacing_um, modality
-        self.shape, self.channels = shape, 1 if modality == "nissl" else 3
-        self.channel_names = ("intensity",) if modality == "nissl" else ("transmittance", "retardation", "direction")
-        self.affine = coronal_affine(spacing_um / 1000, y=y_mm)
-        self.reads, self.fail_after = 0, fail_after
-
-    def read(self, rows, cols):
-        self.reads += 1
-        if self.fail_after is not None and self.reads > self.fail_after:
-            raise KeyboardInterrupt  # what a killed process looks like from inside
-        r = np.arange(rows.start, rows.stop)[:, None]
-        c = np.arange(cols.start, cols.stop)[None, :]
-        v = (np.sin(r * 0.37 + c * 0.11 + self.seed + self.index) * 0.5 + 0.5).astype(np.float32)
-        if self.modality == "nissl":
-            return v[None]
-        return np.stack([v, 1 - v, (v * 179.0).astype(np.float32)])
-
-    def cortex_mask(self, level=0):
-        h, w = mask_shape(self.shape, level)
-        k = 2 ** level
-        r, c = np.meshgrid(np.arange(h) * k, np.arange(w) * k, indexing="ij")
-        d2 = (r - self.shape[0] / 2) ** 2 + (c - self.shape[1] / 2) ** 2
-        return (d2 < (self.shape[0] * 0.4) ** 2) & (d2 > (self.shape[0] * 0.25) ** 2)
-
-
-class FakeBrain:
-    built = 0
-
-    def __init__(self, seed, ref=None, fail_after=None):
-        self.seed, self.fail_after = seed, fail_after
-        FakeBrain.built += 1
-
-    def section(self, index=0, y_mm=None, spacing_um=32.0, modality="nissl", **kw):
-        fail = 0 if self.fail_after is not None and index >= self.fail_after else None
-        return FakeSection(self.seed, index, y_mm, spacing_um, modality, fail_after=fail)
-
-
-class _Ref:
-    "Just enough of a reference for `phantom_y_positions`."
-    hemis = ("L",)
-    mid = {"L": np.array([[0.0, -100.0, 0.0], [0.0, 70.0, 0.0]])}
 
 # ---------------------------------------------------------------- corrupt files
 def _tiff_with_bad_tile(path, rng):

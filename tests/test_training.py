@@ -1,5 +1,4 @@
 "Trainer: schedule, weights, exact resumption, divergence handling, DDP equivalence, logs, loading, CLI."
-import csv
 import json
 import math
 import os
