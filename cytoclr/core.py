@@ -114,10 +114,16 @@ def read_yaml_mapping(path, what: str = "the file") -> dict:
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", file=path)
+    if path.is_dir():
+        raise DataError(f"is a folder, not {what}", file=path)
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise DataError(f"broken YAML: {e}", file=path) from None
+    except UnicodeDecodeError:
+        raise DataError(f"is not a text file (binary?), so not {what}", file=path) from None
+    except OSError as e:
+        raise DataError(f"cannot be read ({e.strerror})", file=path) from None
     if not isinstance(d, dict):
         raise DataError(f"{what} must be a mapping of name: value", file=path)
     return d

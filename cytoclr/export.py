@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .core import DataError, atomic_path, check_number, path_fingerprint, source_fingerprint, write_json_atomic
+from .core import (DataError, atomic_path, check_number, path_fingerprint, read_json, source_fingerprint,
+                          write_json_atomic)
 from .core import MetricKeys as K
 from .core import progress as _progress  # tqdm, its line mirrored to the runner's status
 from .manifest import Manifest, load_manifest, manifest_counts
@@ -193,7 +193,7 @@ def _export_state(out: Path, params: dict, brain_factory) -> dict:
     """What `.cytoclr-export.json` says was written already ({rel path: sha256 and affine}), forgotten when the
     phantom's code changed; an export with other parameters is refused. Leftovers of a killed export are removed."""
     state_path = out / ".cytoclr-export.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"params": params, "done": {}}
+    state = read_json(state_path, {"params": params, "done": {}})  # broken JSON: a DataError naming the file
     if state.get("params") != params:
         raise DataError(f"holds an export with other parameters {state.get('params')}; use another --out or delete it",
                         file=out, field="--out")
@@ -250,7 +250,10 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
     _check_export_arguments(brains, sections, spacing_um, modality, format)
     if brain_factory is None:
         brain_factory = PhantomBrain  # brain_factory(seed=, ref=) -> PhantomBrain
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, or a parent that is a file or not writable
+        raise DataError(f"cannot be made a folder ({e.strerror})", file=out, field="--out") from None
     params = {"brains": int(brains), "sections": int(sections), "spacing_um": float(spacing_um), "modality": modality,
               "seed": int(seed), "chunk": int(chunk), "format": 1, "file_format": format, "axis": axis,
               "positions": None if positions is None else [float(p) for p in positions]}

@@ -49,6 +49,12 @@ def test_read_json_and_yaml_errors_name_the_file(tmp_path):
         read_yaml_mapping(y, "a profile")
     with pytest.raises(DataError, match="file not found"):
         read_yaml_mapping(tmp_path / "nope.yml")
+    binary = tmp_path / "b.yml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="b.yml: is not a text file"):
+        read_yaml_mapping(binary, "a profile")
+    with pytest.raises(DataError, match="is a folder, not a profile"):
+        read_yaml_mapping(tmp_path, "a profile")
 
 
 @pytest.mark.parametrize("text,expected", [("a=1", ("a", 1)), ("m=[x, y]", ("m", ["x", "y"])), ("s=a=b", ("s", "a=b")),

@@ -97,6 +97,16 @@ def test_export_cli_validates_arguments(tmp_path, kw, field):
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
+def test_export_out_that_cannot_be_a_folder_is_refused(tmp_path):
+    "A file where the folder should be (or below a file) is a DataError on --out, not an OSError."
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        with pytest.raises(DataError, match="cannot be made a folder") as e:
+            export_phantom_cli(out=out, brains=1, sections=1)
+        assert e.value.field == "--out" and e.value.file == out
+
+
 def test_export_cli_keywords_are_the_options(tmp_path, capsys):
     "The keyword names are the attribute names of the command's parsed options (the CLI passes them one by one)."
     import inspect
