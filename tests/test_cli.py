@@ -2,7 +2,7 @@
 import pytest
 
 import cytoclr.anchor
-import cytoclr.sections
+import cytoclr.export
 from cytoclr.cli import build_parser, main
 
 
@@ -27,7 +27,7 @@ def test_anchor_options_become_keywords(monkeypatch):
 
 def test_phantom_export_options_become_keywords(monkeypatch):
     got = {}
-    monkeypatch.setattr(cytoclr.sections, "export_phantom_cli", lambda **kw: got.update(kw) or 0)
+    monkeypatch.setattr(cytoclr.export, "export_phantom_cli", lambda **kw: got.update(kw) or 0)
     assert main(["phantom", "export", "--out", "o", "--brains", "1", "--positions", "-10", "5"]) == 0
     assert got == dict(out="o", brains=1, sections=4, spacing_um=32.0, modality="nissl", seed=0, format="zarr",
                        axis="coronal", positions=[-10.0, 5.0])
