@@ -192,7 +192,7 @@ def synthetic(a):
 # -- part 2 ---------------------------------------------------------------------------------------------------------
 def cached_cutoffs() -> list[float]:
     "Cutoffs (mm) of the geodesic tables in the cache folder (one file per hemisphere and cutoff)."
-    from cytoclr.geodesic import cache_dir
+    from cytoclr.core import cache_dir
     return sorted(float(m.group(1)) for p in (cache_dir() / "geodesic").glob("geodesic-*.npz")
                   if (m := re.search(r"-c([0-9.]+)mm\.npz$", p.name)))
 

@@ -138,7 +138,7 @@ def _size(path: Path) -> int:
 
 def clean(cache=False, runs=False, build=False, root=None) -> int:
     "`cytoclr clean`: list (or remove) the cache, the run folders and the built book."
-    from cytoclr.geodesic import cache_dir
+    from cytoclr.core import cache_dir
     root = Path(root or Path.cwd())
     places = [("cache (geodesic tables, plane geometry)", cache_dir(), cache), ("run folders", root / "runs", runs), ("built book", root / "_build", build)]
     for what, path, remove in places:

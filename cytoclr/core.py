@@ -31,7 +31,8 @@ from tqdm import tqdm  # plain text bars: they work in terminals, logs and noteb
 __all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataError', 'PipelineError', 'check_number',
            'atomic_path', 'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics',
            'update_metrics', 'save_figure', 'forget_outputs', 'MetricKeys', 'progress', 'usable_cores', 'worker_count',
-           'fork_map', 'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk', 'topk_agreement']
+           'fork_map', 'cache_dir', 'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk',
+           'topk_agreement']
 
 # %% ../nbs/00_core.ipynb #e9f08793
 class DataError(ValueError):
@@ -373,6 +374,11 @@ def fork_map(fn, items, workers: int | None = None, chunksize: int = 1, on_wait=
     finally:
         _FORK_JOB.clear()
         pbar.close()
+
+# %% ../nbs/00_core.ipynb #c0a1b007
+def cache_dir() -> Path:
+    "The cache folder: `$CYTOCLR_CACHE`, default `~/.cache/cytoclr`."
+    return Path(os.environ.get("CYTOCLR_CACHE") or "~/.cache/cytoclr").expanduser()
 
 # %% ../nbs/00_core.ipynb #21bbd158
 class _StripDocstrings(ast.NodeTransformer):

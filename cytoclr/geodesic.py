@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import warnings
 from pathlib import Path
@@ -20,15 +19,15 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from .core import DataError, atomic_path, check_number, fork_map, usable_cores
+from .core import DataError, atomic_path, cache_dir, check_number, fork_map, usable_cores
 from .reference import check_mesh
 
 # %% auto #0
 __all__ = ['GEODESIC_CACHE_VERSION', 'WEIGHT_KINDS', 'check_surface', 'vertex_normals', 'ring_pairs', 'arc_lengths',
-           'surface_graph', 'cache_dir', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order',
-           'table_from_graph', 'geodesic_table', 'table_errors', 'straight_line', 'table_pairs', 'table_submatrix',
-           'SurfaceDistances', 'straight_over_geodesic', 'geodesic_weights', 'effective_positives', 'vertex_areas',
-           'positives_by_sigma', 'geodesic_metrics']
+           'surface_graph', 'mesh_hash', 'restrict_table', 'geodesic_rows', 'morton_order', 'table_from_graph',
+           'geodesic_table', 'table_errors', 'straight_line', 'table_pairs', 'table_submatrix', 'SurfaceDistances',
+           'straight_over_geodesic', 'geodesic_weights', 'effective_positives', 'vertex_areas', 'positives_by_sigma',
+           'geodesic_metrics']
 
 # %% ../nbs/04_geodesic.ipynb #287b0cc7
 def check_surface(vertices, faces, file="mesh") -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +114,6 @@ def surface_graph(vertices, faces, rings: int = 3) -> sp.csr_matrix:
 
 # %% ../nbs/04_geodesic.ipynb #885a63a2
 GEODESIC_CACHE_VERSION = 1  # bump when the algorithm changes, so old tables are not reused
-
-
-def cache_dir() -> Path:
-    "The cache folder: `$CYTOCLR_CACHE`, default `~/.cache/cytoclr`."
-    return Path(os.environ.get("CYTOCLR_CACHE") or "~/.cache/cytoclr").expanduser()
 
 
 def mesh_hash(vertices: np.ndarray, faces: np.ndarray) -> str:

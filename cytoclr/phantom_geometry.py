@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates, maximum_filter
 
-from .core import DataError, atomic_path, check_number, source_fingerprint
+from .core import DataError, atomic_path, cache_dir, check_number, source_fingerprint
 
 # %% auto #0
 __all__ = ['ATLAS_SEED', 'AXES', 'MODALITIES', 'GEOMETRY_CACHE_ENV', 'GEOMETRY_CODE', 'hash_uniform', 'locate_columns',
@@ -387,7 +387,6 @@ def _brain_fingerprint(brain) -> str:
 
 def geometry_cache_path(brain, key):
     "The file of plane `key`'s geometry in `cache_dir()/phantom_geometry` (None when $CYTOCLR_GEOMETRY_CACHE is 0)."
-    from cytoclr.geodesic import cache_dir  # here, not at the top: cytoclr.geodesic imports torch (via sampling)
     if os.environ.get(GEOMETRY_CACHE_ENV, "1") == "0":
         return None
     digest = hashlib.sha256(f"{_brain_fingerprint(brain)}|{key!r}".encode()).hexdigest()[:40]

@@ -92,7 +92,7 @@ def input_fingerprint(name: str, value) -> str | None:
         return None
     p = Path(value)
     if name == "manifest" and p.is_file():
-        from cytoclr.manifest import manifest_fingerprint  # sections loads numpy and the reference: not for --help
+        from cytoclr.manifest import manifest_fingerprint  # manifest loads numpy and the reference: not for --help
         return manifest_fingerprint(p)
     return path_fingerprint(p)
 

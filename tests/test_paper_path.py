@@ -21,7 +21,8 @@ import yaml
 from cytoclr import phantom
 from cytoclr.checkpoints import checkpoint_path, load_checkpoint, load_encoder, log_dir
 from cytoclr.core import read_yaml_mapping
-from cytoclr.geodesic import _cache_stem, cache_dir
+from cytoclr.core import cache_dir
+from cytoclr.geodesic import _cache_stem
 from cytoclr.models import embed
 from cytoclr.sampling import MAX_MASK_CELLS, PatchDataset, sample_locations, sampling_level
 from cytoclr.manifest import load_manifest
