@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cytoclr import phantom
+from cytoclr import phantom, phantom_rendering
 from cytoclr.checkpoints import checkpoint_path, load_checkpoint, load_encoder, log_dir
-from cytoclr.core import read_yaml_mapping
-from cytoclr.core import cache_dir
+from cytoclr.core import cache_dir, read_yaml_mapping
 from cytoclr.geodesic import _cache_stem
 from cytoclr.models import embed
 from cytoclr.sampling import MAX_MASK_CELLS, PatchDataset, sample_locations, sampling_level
@@ -174,7 +173,7 @@ def test_large_windows_render_in_strips_with_the_same_bits(monkeypatch):
     r, c = (int(x) for x in np.argwhere(sec.cortex_mask(6))[0] * 64)
     win = (slice(r, r + 150), slice(c, c + 170))
     whole = sec.read(*win)
-    monkeypatch.setattr(phantom, "READ_TILE_PX", 1000)  # strips of 5 rows
+    monkeypatch.setattr(phantom_rendering, "READ_TILE_PX", 1000)  # strips of 5 rows
     assert np.array_equal(sec.read(*win), whole)
 
 
