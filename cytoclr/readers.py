@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .core import DataError
+from .core import DataError, check_number
 
 # %% auto #0
-__all__ = ['ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image']
+__all__ = ['ImageReader', 'ZarrReader', 'TiffReader', 'PillowReader', 'NiftiReader', 'open_image', 'spacing_record',
+           'recorded_spacing', 'nearest_spacing', 'Resampled']
 
 # %% ../nbs/02a_readers.ipynb #fa83e8b5
 class ImageReader:
@@ -331,3 +333,187 @@ def open_image(path) -> ImageReader:
     if name.endswith((".nii", ".nii.gz")):
         return NiftiReader(path)
     raise DataError("unknown image format: expected .ome.zarr/.zarr, .tif/.tiff, .png, .jpg or .nii(.gz)", file=path)
+
+# %% ../nbs/02a_readers.ipynb #b40ae2ce
+def spacing_record(spacings, patch_px: int | None = None) -> dict:
+    """What a checkpoint or a reference frame records of the pixel size its patches were cut at: {"spacing_um": the
+    pixel size in um (a sorted list when the sections have several), and with `patch_px` also "patch_px" and
+    "patch_mm", the patch's side in mm (a list beside a list)}. Empty when `spacings` is empty."""
+    vals = sorted({check_number(s, "spacing_um", positive=True) for s in spacings})
+    if not vals:
+        return {}
+    out = {"spacing_um": vals[0] if len(vals) == 1 else vals}
+    if patch_px is not None:
+        px = check_number(patch_px, "patch_px", positive=True, integer=True)
+        mm = [px * v / 1000 for v in vals]
+        out.update(patch_px=px, patch_mm=mm[0] if len(mm) == 1 else mm)
+    return out
+
+
+def recorded_spacing(meta: dict, file=None) -> tuple[float, ...] | None:
+    """The pixel sizes (um) recorded in a checkpoint's or frame's `meta` (`spacing_record`; a frame made of parts
+    records them per part), sorted; None when nothing is recorded (a file written before pixel sizes were)."""
+    meta = meta or {}
+    if meta.get("spacing_um") is not None:
+        v = meta["spacing_um"]
+        vals = v if isinstance(v, (list, tuple)) else [v]
+    else:
+        parts = [recorded_spacing(p, file) for p in meta.get("parts") or []]
+        if not parts or any(p is None for p in parts):
+            return None
+        vals = [s for p in parts for s in p]
+    return tuple(sorted({check_number(s, "spacing_um", positive=True, file=file) for s in vals})) or None
+
+
+def nearest_spacing(recorded, source_um: float) -> float:
+    "The pixel size among `recorded` (um) nearest to `source_um` by ratio: the one to present an image at."
+    rec = np.array([check_number(s, "spacing_um", positive=True) for s in recorded], np.float64)
+    if rec.size == 0:
+        raise DataError("no recorded pixel size to choose from", field="spacing_um")
+    s = check_number(source_um, "--spacing-um", positive=True)
+    return float(rec[np.argmin(np.abs(np.log(rec / s)))])
+
+# %% ../nbs/02a_readers.ipynb #5f4dc4bf
+def _level_factor(shape0, shape) -> float:
+    """How many level-0 pixels a pixel of a pyramid level of `shape` spans: the whole number n whose ceil or floor
+    division of level 0's `shape0` gives the level's shape on both axes, else the mean ratio of the shapes."""
+    (H, W), (h, w) = shape0, shape
+    for n in sorted({max(1, round(H / h)), max(1, round(W / w))}):
+        if h in (-(-H // n), H // n) and w in (-(-W // n), W // n):
+            return float(n)
+    return (H / h + W / w) / 2
+
+
+def _taps(a: int, b: int, f: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source indices, weights), each (b - a, K), of output pixels a..b-1 of an axis that takes `f` source pixels
+    per output pixel from `n` source pixels. f >= 1: the overlaps of each output pixel's footprint [i f, (i + 1) f)
+    with the source pixels (area averaging; the part outside the image left out); f < 1: linear interpolation
+    between the two source centres around (i + 0.5) f - 0.5 (the edge pixel beyond the last centre). Weights sum
+    to 1 and depend only on a pixel's absolute position, so any window gives the same numbers as the whole image."""
+    i = np.arange(a, b, dtype=np.float64)[:, None]  # (m, 1)
+    if f >= 1:
+        lo, hi = np.maximum(i * f, 0.0), np.minimum((i + 1) * f, float(n))  # the footprint, in source pixel edges
+        j = np.floor(lo) + np.arange(math.ceil(f) + 1)  # (m, K) every source pixel it can touch
+        w = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    else:
+        y = np.clip((i + 0.5) * f - 0.5, 0.0, n - 1.0)  # (m, 1) centre of the output pixel in source pixels
+        j = np.minimum(np.floor(y), max(n - 2, 0)) + np.arange(2)  # (m, 2) the centres on either side
+        w = np.concatenate([1 - (y - j[:, :1]), y - j[:, :1]], 1)
+    w = np.where(j < n, w, 0.0)
+    edge = ~(w > 0).any(1)  # a footprint beyond a level cut short (floor-sized pyramids): the edge pixel
+    j[edge, 0], w[edge, 0] = n - 1, 1.0
+    keep = w.any(0)  # taps no pixel of this window uses (adding their zeros would change nothing)
+    j, w = np.minimum(j[:, keep], n - 1).astype(np.int64), w[:, keep]
+    return j, w / w.sum(1, keepdims=True)
+
+
+def _along(a: np.ndarray, idx: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    "Resample float64 `a` (c, h, w) along `axis` (1: rows, 2: columns) with taps `idx`, `w` (m, K)."
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    out = np.zeros(a.shape[:axis] + (len(idx),) + a.shape[axis + 1:])
+    for k in range(idx.shape[1]):  # a loop over the taps (at most ceil(f) + 1), each over whole rows or columns
+        t = np.take(a, idx[:, k], axis=axis) * w[:, k].reshape(shape)
+        zero = [slice(None)] * 3
+        zero[axis] = w[:, k] == 0
+        t[tuple(zero)] = 0  # a pixel outside the footprint adds nothing, not even its NaN
+        out += t
+    return out
+
+
+def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    "Float64 values back to the stored dtype: integers rounded to nearest and clipped to the type's range."
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(a), info.min, info.max).astype(dtype)
+    if dtype.kind == "b":
+        return a >= 0.5
+    return a.astype(dtype)
+
+
+class Resampled(ImageReader):
+    """`reader`'s image presented at pixel size `target_um` (the image's own is `source_um`), read window by window.
+
+    Each window maps to the source window under it (plus the pixels its edge output pixels touch), read from the
+    coarsest pyramid level of the source still at least as fine as the target, and is resampled there: area
+    averaging when shrinking (each output pixel the mean of the source area it covers, as a scanner with larger
+    pixels would record), linear interpolation when enlarging. Large windows are resampled in tiles of at most
+    `tile_px` source pixels a side, so no read holds more of the source than that. The result has the source's
+    channels and dtype and a pyramid of its own (pixel size `target_um` * 2**level, shape `ceil(shape / 2**level)`,
+    until a level's longer side is at most `coarsest_side`), so `ImageSection` and `TissueMask` can use it as any
+    reader. Refused, with a `DataError` naming `field`: a non-finite or non-positive `source_um`, enlarging by
+    more than `max_enlarge` (the detail an encoder trained at `target_um` needs is not in the image), a result
+    smaller than `min_px` (one patch) on a side."""
+    tile_px = 2048  # source pixels a side resampled at once: bounds the memory of any read
+    coarsest_side = 256  # the wrapper's pyramid halves until a level's longer side is at most this
+
+    def __init__(self, reader: ImageReader, source_um: float, target_um: float, *, min_px: int = 1,
+                 max_enlarge: float = 2.0, field: str = "--spacing-um"):
+        self.source, self.path = reader, getattr(reader, "path", None)
+        self.source_um = check_number(source_um, field, positive=True, file=self.path)
+        self.target_um = check_number(target_um, "target_um", positive=True)
+        max_enlarge = check_number(max_enlarge, "max_enlarge", minimum=1.0)
+        self.factor = self.target_um / self.source_um  # source pixels per output pixel (> 1: shrinking)
+        if self.factor * max_enlarge < 1 - 1e-9:
+            raise DataError(f"the image's pixels ({self.source_um:g} um) are {1 / self.factor:.3g}x the "
+                            f"{self.target_um:g} um the encoder was trained at: enlarging by more than {max_enlarge:g}x "
+                            f"cannot restore the detail it needs; give a scan at {self.target_um * max_enlarge:g} um "
+                            "or finer (or check the pixel size)", file=self.path, field=field)
+        self.channels, self.dtype = reader.channels, np.dtype(reader.dtype)
+        self._src_levels = [tuple(int(n) for n in s) for s in (getattr(reader, "levels", None) or [reader.shape])]
+        self._src_factors = [_level_factor(self._src_levels[0], s) for s in self._src_levels]
+        H, W = self._src_levels[0]
+        self.shape = tuple(max(1, math.ceil(n / self.factor - 1e-6)) for n in (H, W))  # a sliver < 1e-6 px is dropped
+        if min(self.shape) < min_px:
+            raise DataError(f"at {self.target_um:g} um the image is {self.shape[0]}x{self.shape[1]} px, smaller than "
+                            f"one {min_px}-px patch: is its pixel size {self.source_um:g} um right?",
+                            file=self.path, field=field)
+        self.levels = [self.shape]
+        while max(self.levels[-1]) > self.coarsest_side:
+            k = 2 ** len(self.levels)
+            self.levels.append((-(-self.shape[0] // k), -(-self.shape[1] // k)))
+
+    def __repr__(self):
+        name = f"{type(self.source).__name__}({Path(self.path).name!r})" if self.path else type(self.source).__name__
+        return f"Resampled({name}, {self.source_um:g} um -> {self.target_um:g} um, {self.shape[0]}x{self.shape[1]} px)"
+
+    def source_level(self, level: int = 0) -> tuple[int, float]:
+        """(source pyramid level, source pixels of that level per output pixel) that a read of `level` uses: the
+        coarsest source level still at least as fine as `target_um` * 2**level (level 0 when none is)."""
+        T = self.factor * 2 ** level  # output pixel size in source level-0 pixels
+        fine = [k for k, d in enumerate(self._src_factors) if d <= T * (1 + 1e-9)]
+        k = max(fine, key=lambda k: (self._src_factors[k], -k)) if fine else 0
+        return k, T / self._src_factors[k]
+
+    def to_source(self, rc) -> np.ndarray:
+        "Pixel (row, col) (n, 2) of this image -> the same point in the source image's level-0 pixels."
+        return (np.asarray(rc, np.float64) + 0.5) * self.factor - 0.5
+
+    def from_source(self, rc) -> np.ndarray:
+        "Pixel (row, col) (n, 2) of the source image's level 0 -> the same point in this image's pixels."
+        return (np.asarray(rc, np.float64) + 0.5) / self.factor - 0.5
+
+    def _read_source(self, rows: slice, cols: slice, k: int) -> np.ndarray:
+        return self.source.read(rows, cols, k) if k else self.source.read(rows, cols)
+
+    def read(self, rows, cols, level=0):
+        H, W = self.levels[level]
+        r0, r1 = _span(rows, H)
+        c0, c1 = _span(cols, W)
+        if not (0 <= r0 <= r1 <= H and 0 <= c0 <= c1 <= W):
+            raise ValueError(f"window rows {r0}:{r1}, cols {c0}:{c1} is not inside level {level} ({H}x{W})")
+        k, f = self.source_level(level)
+        n = self._src_levels[k]
+        if abs(f - 1) < 1e-9 and r1 <= n[0] and c1 <= n[1]:  # the source level is at the target pixel size
+            return self._read_source(slice(r0, r1), slice(c0, c1), k)
+        out = np.empty((self.channels, r1 - r0, c1 - c0), self.dtype)
+        step = max(1, int(self.tile_px / max(f, 1.0)))  # output pixels a side of one tile
+        for a in range(r0, r1, step):  # a loop over tiles of a large window, not over pixels
+            for b in range(c0, c1, step):
+                ri, rw = _taps(a, min(a + step, r1), f, n[0])
+                ci, cw = _taps(b, min(b + step, c1), f, n[1])
+                ra, ca = int(ri.min()), int(ci.min())
+                src = self._read_source(slice(ra, int(ri.max()) + 1), slice(ca, int(ci.max()) + 1), k)
+                tile = _along(_along(src.astype(np.float64), ri - ra, rw, 1), ci - ca, cw, 2)
+                out[:, a - r0:a - r0 + tile.shape[1], b - c0:b - c0 + tile.shape[2]] = _cast(tile, self.dtype)
+        return out

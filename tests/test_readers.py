@@ -1,6 +1,9 @@
-"Image readers: windows of OME-Zarr, TIFF, PNG/JPEG and NIfTI; only the chunks a window needs; files that are not images."
+"""Image readers: windows of OME-Zarr, TIFF, PNG/JPEG and NIfTI; only the chunks a window needs; files that are not
+images; an image presented at another pixel size (Resampled) and the pixel sizes checkpoints and frames record."""
+import math
 import os
 import tracemalloc
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,11 +11,14 @@ import pytest
 import tifffile
 import zarr
 from PIL import Image
+from scipy.ndimage import map_coordinates
+from skimage.measure import block_reduce
 
 from cytoclr.core import DataError
 from cytoclr.export import write_section_zarr
-from cytoclr.readers import TiffReader, ZarrReader, open_image
-from cytoclr.sections import ImageMask, ImageSection
+from cytoclr.readers import (ImageReader, Resampled, TiffReader, ZarrReader, nearest_spacing, open_image,
+                             recorded_spacing, spacing_record)
+from cytoclr.sections import ImageMask, ImageSection, TissueMask, mask_shape
 
 from helpers import FakeSection, coronal_affine
 
@@ -216,3 +222,199 @@ def test_unknown_format_and_missing_file(tmp_path):
         open_image(tmp_path / "a.bmp")
     with pytest.raises(DataError, match="file not found"):
         open_image(tmp_path / "nope.tif")
+
+
+
+# ---------------------------------------------------------------- another pixel size
+class ArrayReader(ImageReader):
+    "An in-memory pyramid [(c, h, w) per level] that records every window it is asked for as (level, r0, r1, c0, c1)."
+
+    def __init__(self, levels, path="mem.tif"):
+        self.arrays, self.path = [np.asarray(a) for a in levels], Path(path)
+        self.shape, self.channels, self.dtype = self.arrays[0].shape[1:], self.arrays[0].shape[0], self.arrays[0].dtype
+        self.levels = [a.shape[1:] for a in self.arrays]
+        self.reads = []
+
+    def read(self, rows, cols, level=0):
+        assert 0 <= rows.start <= rows.stop <= self.levels[level][0] and 0 <= cols.start <= cols.stop <= self.levels[level][1]
+        self.reads.append((level, rows.start, rows.stop, cols.start, cols.stop))
+        return self.arrays[level][:, rows, cols].copy()
+
+
+def area_reference(img, f, out_shape):
+    "Area averaging straight from its definition: each output pixel the overlap-weighted mean of the source pixels."
+    def weights(n_in, n_out):  # (n_out, n_in): overlap of [i f, (i + 1) f) with [y, y + 1), normalised per row
+        i, y = np.arange(n_out)[:, None], np.arange(n_in)[None, :]
+        W = np.maximum(0.0, np.minimum(np.minimum((i + 1) * f, y + 1), n_in) - np.maximum(i * f, y))
+        return W / W.sum(1, keepdims=True)
+    Wr, Wc = weights(img.shape[1], out_shape[0]), weights(img.shape[2], out_shape[1])
+    return Wr @ img.astype(np.float64) @ Wc.T  # (c, n_out rows, n_out cols)
+
+
+def linear_reference(img, w):
+    "Bilinear interpolation by scipy at the source positions of the output pixel centres (edges: nearest)."
+    r, c = np.meshgrid(np.arange(w.shape[0]), np.arange(w.shape[1]), indexing="ij")
+    src = w.to_source(np.stack([r.ravel(), c.ravel()], 1))  # (n, 2)
+    return np.stack([map_coordinates(ch.astype(np.float64), src.T, order=1, mode="nearest").reshape(w.shape)
+                     for ch in img])
+
+
+@pytest.mark.parametrize("target_um", [64.0, 48.0, 100.0, 20.0, 16.0])  # shrink 2x, 1.5x, 3.125x; enlarge 1.6x, 2x
+def test_resampled_windows_equal_the_whole_image_resampled(tmp_path, rng, target_um):
+    "A tiled TIFF (64 px tiles) at 32 um: windows anywhere (edges, across tiles) are the same part of the whole image."
+    a = rng.random((2, 203, 157)).astype(np.float32)
+    p = tmp_path / "a.tif"
+    tifffile.imwrite(p, a, tile=(64, 64), photometric="minisblack", planarconfig="separate")
+    w = Resampled(open_image(p), 32.0, target_um)
+    f = target_um / 32.0
+    assert w.shape == tuple(math.ceil(n / f) for n in a.shape[1:]) and w.dtype == np.float32 and w.channels == 2
+    whole = w.read(slice(0, w.shape[0]), slice(0, w.shape[1]))
+    want = area_reference(a, f, w.shape) if f >= 1 else linear_reference(a, w)
+    np.testing.assert_allclose(whole, want, rtol=0, atol=1e-6)
+    H, W = w.shape
+    for rows, cols in ((slice(0, 7), slice(0, W)), (slice(H - 9, H), slice(W - 5, W)), (slice(19, 45), slice(30, 41)),
+                       (slice(H // 2, H // 2 + 1), slice(0, 1)), (slice(3, 3), slice(0, 4))):
+        assert np.array_equal(w.read(rows, cols), whole[:, rows, cols])  # bit for bit
+    w.tile_px = 50  # the same whole image, resampled in many tiles
+    assert np.array_equal(w.read(slice(0, H), slice(0, W)), whole)
+
+
+def test_resampled_shrinking_by_two_is_the_2x2_mean_and_keeps_the_dtype(rng):
+    a = rng.integers(0, 65535, (1, 120, 90), dtype=np.uint16)
+    w = Resampled(ArrayReader([a]), 10.0, 20.0)
+    got = w.read(slice(0, 60), slice(0, 45))
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got[0], np.rint(block_reduce(a[0].astype(np.float64), (2, 2), np.mean)))
+    b = np.full((3, 50, 50), 7, np.uint8)  # a constant stays itself at any pixel size, whole-number dtype or not
+    for t in (13.0, 10.0, 5.5):
+        assert (Resampled(ArrayReader([b]), 10.0, t).read(slice(0, 5), slice(0, 5)) == 7).all()
+
+
+def test_resampled_at_the_same_pixel_size_is_the_identity(tmp_path, rng):
+    a = rng.integers(0, 255, (333, 517), dtype=np.uint8)
+    p = tmp_path / "x.tif"
+    _write_pyramid_tiff(p, [a, a[::2, ::2].copy()])
+    r = open_image(p)
+    w = Resampled(r, 32.0, 32.0)
+    assert w.shape == r.shape and w.dtype == r.dtype and w.channels == r.channels
+    for rows, cols in ((slice(0, 333), slice(0, 517)), (slice(63, 65), slice(127, 300)), (slice(300, 333), slice(500, 517))):
+        assert np.array_equal(w.read(rows, cols), r.read(rows, cols))
+    np.testing.assert_allclose(w.to_source([[0, 0], [10.5, 3]]), [[0, 0], [10.5, 3]])
+
+
+def test_resampled_reads_the_coarsest_pyramid_level_at_least_as_fine_as_the_target(rng, monkeypatch):
+    monkeypatch.setattr(Resampled, "coarsest_side", 16)  # a pyramid of its own down to 16 px
+    l0 = rng.random((1, 256, 200))
+    lv = [l0, l0.reshape(1, 128, 2, 100, 2).mean((2, 4)), l0.reshape(1, 64, 4, 50, 4).mean((2, 4))]
+    expect = {(25.0, 0): (1, 1.25), (40.0, 0): (2, 1.0), (15.0, 0): (0, 1.5), (5.0, 0): (0, 0.5), (15.0, 1): (1, 1.5),
+              (10.0, 2): (2, 1.0), (80.0, 0): (2, 2.0)}
+    for (t, level), (k, f) in expect.items():
+        r = ArrayReader(lv)
+        w = Resampled(r, 10.0, t)
+        assert w.source_level(level) == pytest.approx((k, f))
+        H, W = w.levels[level]
+        w.read(slice(0, H), slice(0, W), level)
+        assert {rd[0] for rd in r.reads} == {k}, (t, level, r.reads)
+    w = Resampled(ArrayReader(lv), 10.0, 40.0)  # a level at the target pixel size is read as it is
+    assert np.array_equal(w.read(slice(3, 60), slice(0, 50)), lv[2][:, 3:60])
+    odd = [np.zeros((1, 101, 203)), np.zeros((1, 51, 102)), np.zeros((1, 25, 50))]  # ceil- and floor-sized levels
+    assert [Resampled(ArrayReader(odd), 1.0, t).source_level(0)[0] for t in (1.9, 2.0, 3.9, 4.0)] == [0, 1, 1, 2]
+    w = Resampled(ArrayReader(odd), 1.0, 4.0)  # the floor-sized level is one source pixel short: the edge repeats
+    assert w.shape == (26, 51) and w.read(slice(0, 26), slice(0, 51)).shape == (1, 26, 51)
+
+
+def test_resampled_reads_only_what_a_window_needs(rng):
+    "A window reads the source under it (plus the pixels its edges touch); a large one in bounded tiles."
+    r = ArrayReader([rng.random((1, 900, 700))])
+    w = Resampled(r, 10.0, 15.0)
+    w.read(slice(100, 140), slice(200, 264))
+    assert r.reads == [(0, 150, 210, 300, 396)]  # rows 100..139 cover source rows [150, 210)
+    r.reads.clear()
+    w.tile_px = 64
+    w.read(slice(0, w.shape[0]), slice(0, w.shape[1]))
+    assert max(max(r1 - r0, c1 - c0) for _, r0, r1, c0, c1 in r.reads) <= w.tile_px + 2
+    covered = np.zeros(r.shape, int)
+    for _, r0, r1, c0, c1 in r.reads:
+        covered[r0:r1, c0:c1] += 1
+    assert covered.min() >= 1 and covered.max() <= 4  # every source pixel read, none more than a tile corner's 4 times
+
+
+def test_resampled_keeps_a_nan_inside_the_pixels_that_cover_it():
+    a = np.ones((1, 12, 12), np.float32)
+    a[0, 5, 5] = np.nan
+    got = Resampled(ArrayReader([a]), 1.0, 3.0).read(slice(0, 4), slice(0, 4))[0]
+    assert np.isnan(got[1, 1]) and np.isfinite(np.delete(got.ravel(), 5)).all() and np.nanmax(got) == 1
+
+
+@pytest.mark.parametrize("source_um", [float("nan"), float("inf"), 0.0, -32.0, "abc", None, True])
+def test_resampled_refuses_a_pixel_size_that_is_not_one(source_um):
+    with pytest.raises(DataError) as e:
+        Resampled(ArrayReader([np.zeros((1, 100, 100))]), source_um, 32.0)
+    assert e.value.field == "--spacing-um" and "\n" not in str(e.value)
+
+
+def test_resampled_refuses_enlarging_beyond_twice_and_results_smaller_than_a_patch():
+    r = ArrayReader([np.zeros((1, 300, 200), np.uint8)])
+    assert Resampled(r, 32.0, 16.0).shape == (600, 400)  # enlarging 2x: allowed
+    with pytest.raises(DataError, match="enlarging by more than 2x") as e:
+        Resampled(r, 32.0, 15.0)
+    assert e.value.field == "--spacing-um" and e.value.file == r.path
+    assert Resampled(r, 32.0, 12.0, max_enlarge=3).shape == (800, 534)
+    with pytest.raises(DataError, match="smaller than one 64-px patch") as e:
+        Resampled(r, 32.0, 128.0, min_px=64)  # 75 x 50 px
+    assert e.value.field == "--spacing-um"
+    with pytest.raises(DataError, match="smaller than") as e:
+        Resampled(r, 1.0, 1000.0, min_px=2, field="spacing_um")  # 1 x 1 px
+    assert e.value.field == "spacing_um"
+    with pytest.raises(ValueError, match="not inside"):
+        Resampled(r, 32.0, 64.0).read(slice(0, 151), slice(0, 10))
+
+
+def test_resampled_pixel_positions_map_to_the_source_and_back(rng):
+    w = Resampled(ArrayReader([np.zeros((1, 100, 100))]), 10.0, 20.0)
+    np.testing.assert_allclose(w.to_source([[0, 0], [3, 7]]), [[0.5, 0.5], [6.5, 14.5]])  # centres of 2 x 2 blocks
+    rc = rng.random((5, 2)) * 50
+    np.testing.assert_allclose(w.from_source(w.to_source(rc)), rc)
+
+
+def test_a_section_and_its_tissue_mask_work_on_a_resampled_image(tmp_path):
+    "A dark disc on bright glass, 16 um, pyramidal TIFF: presented at 40 um it is read, masked and thresholded."
+    r_, c_ = np.mgrid[:400, :600]
+    disc = (r_ - 200) ** 2 + (c_ - 300) ** 2 < 150 ** 2
+    a = np.where(disc, 60, 240).astype(np.uint8)
+    p = tmp_path / "disc.tif"
+    _write_pyramid_tiff(p, [a, a.reshape(200, 2, 300, 2).mean((1, 3)).astype(np.uint8)])
+    src = ArrayReader([open_image(p).read(slice(0, 400), slice(0, 600)),
+                       open_image(p).read(slice(0, 200), slice(0, 300), 1)], path=p)
+    w = Resampled(src, 16.0, 40.0, min_px=64)
+    sec = ImageSection(w, "nissl", 40.0, None, mask=TissueMask(w, "nissl"), id="disc")
+    assert sec.shape == (160, 240) and sec.read(slice(-5, 20), slice(0, 30)).dtype == np.float32
+    m = sec.cortex_mask(1)
+    assert m.shape == mask_shape(sec.shape, 1)
+    rr, cc = np.mgrid[:80, :120]
+    truth = ((rr + 0.5) * 2 * 2.5 - 200) ** 2 + ((cc + 0.5) * 2 * 2.5 - 300) ** 2 < 150 ** 2
+    assert np.mean(m == truth) > 0.98
+    assert {rd[0] for rd in src.reads} == {1}  # the mask came from the source's 32 um level, not its full resolution
+
+
+def test_the_pixel_size_record_and_reading_it_back():
+    assert spacing_record([32, 32.0], patch_px=64) == {"spacing_um": 32.0, "patch_px": 64, "patch_mm": 64 * 32.0 / 1000}
+    assert spacing_record([64.0, 16.0]) == {"spacing_um": [16.0, 64.0]}
+    assert spacing_record([], patch_px=64) == {}
+    rec = spacing_record([64.0, 16.0, 64.0], patch_px=128)
+    assert rec["patch_mm"] == [128 * 16.0 / 1000, 128 * 64.0 / 1000] and recorded_spacing(rec) == (16.0, 64.0)
+    assert recorded_spacing({"spacing_um": 32}) == (32.0,) and recorded_spacing({}) is None
+    assert recorded_spacing(None) is None and recorded_spacing({"patch_px": 64}) is None  # written before: unknown
+    assert recorded_spacing({"parts": [{"spacing_um": 20.0}, {"spacing_um": [20.0, 40.0]}]}) == (20.0, 40.0)
+    assert recorded_spacing({"parts": [{"spacing_um": 20.0}, {"grid_mm": 2.0}]}) is None  # one part unknown
+    for bad in ([0.0], [float("nan")], ["x"]):
+        with pytest.raises(DataError) as e:
+            spacing_record(bad)
+        assert e.value.field == "spacing_um"
+    with pytest.raises(DataError, match="must be > 0") as e:
+        recorded_spacing({"spacing_um": -1}, file="f.json")
+    assert e.value.field == "spacing_um" and e.value.file == "f.json"
+    assert nearest_spacing([20.0, 40.0], 32.0) == 40.0 and nearest_spacing([20.0, 40.0], 28.0) == 20.0
+    assert nearest_spacing((16.0,), 1000.0) == 16.0
+    with pytest.raises(DataError, match="no recorded pixel size"):
+        nearest_spacing([], 32.0)
