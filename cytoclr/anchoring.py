@@ -15,6 +15,7 @@ from scipy.spatial import cKDTree
 
 from .core import DataError, atomic_path, cosine_topk, read_json, write_json_atomic
 from .geodesic import geodesic_weights
+from .readers import spacing_record
 
 _all_ = ["cosine_topk"]  # the library's one exact top-k (chapter 00), re-exported as anchoring.cosine_topk
 
@@ -57,7 +58,7 @@ class Frame:
     xyz_true: np.ndarray | None = None  # (n, 3) homologous reference points (phantom only)
     features: np.ndarray | None = None  # (n, D) float32 L2-normalised
     space: dict = field(default_factory=dict)  # identity of the embedding space of `features`
-    meta: dict = field(default_factory=dict)  # how the frame was built (planes, grid, patch size, modality)
+    meta: dict = field(default_factory=dict)  # how the frame was built (planes, grid, patch size, pixel size, modality)
 
     ARRAYS = ("xyz", "hemi", "section", "rc", "brain", "xyz_true", "features")
 
@@ -66,11 +67,15 @@ class Frame:
 
     @classmethod
     def from_samples(cls, samples, sections: list, meta: dict | None = None) -> "Frame":
-        "A frame at `samples` (chapter 3's `Samples`) of `sections`; homologous points from sections that know them."
+        """A frame at `samples` (chapter 3's `Samples`) of `sections`; homologous points from sections that know them.
+        `meta` gains the pixel size of the sections the patches are on (`spacing_record`: spacing_um, and patch_mm
+        when `meta` gives patch_px) when they all know theirs; what `meta` itself gives stays."""
         true = homologous_points(sections, samples)
+        um = [getattr(sections[int(i)], "spacing_um", None) for i in np.unique(samples.section)]
+        rec = spacing_record(um, (meta or {}).get("patch_px")) if um and None not in um else {}
         return cls(xyz=samples.xyz, hemi=samples.hemi, section=samples.section, rc=samples.rc, brain=samples.brain,
                    section_ids=[str(getattr(s, "id", i)) for i, s in enumerate(sections)], xyz_true=true,
-                   meta=dict(meta or {}))
+                   meta={**rec, **(meta or {})})
 
     def subset(self, keep) -> "Frame":
         "The frame's patches `keep` (a boolean mask or indices), with their features."

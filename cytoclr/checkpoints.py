@@ -14,12 +14,14 @@ import torch
 import torch.nn as nn
 
 from .core import DataError, atomic_path
+from .readers import recorded_spacing, spacing_record
 from .training_config import METHODS, MODALITIES, TrainConfig, build_model
 
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'rng_state', 'set_rng_state', 'seed_everything', 'checkpoint_path', 'log_dir', 'save_checkpoint',
-           'load_checkpoint', 'read_log', 'truncate_log', 'load_model', 'load_encoder']
+           'load_checkpoint', 'read_log', 'truncate_log', 'load_model', 'load_encoder', 'checkpoint_meta',
+           'checkpoint_spacing']
 
 # %% ../nbs/06b_checkpoints.ipynb #4c1d0e24
 def rng_state() -> dict:
@@ -120,3 +122,16 @@ def load_model(run_dir, method: str, modality: str = "nissl", device="cpu", buil
 def load_encoder(run_dir, method: str, modality: str = "nissl", device="cpu", build=None) -> nn.Module:
     "The encoder of a method (trained weights; seeded initialisation for 'random'), in eval mode on `device`."
     return load_model(run_dir, method, modality, device, build).encoder
+
+# %% ../nbs/06b_checkpoints.ipynb #766e7fe9
+def checkpoint_meta(sections, patch_px: int, **more) -> dict:
+    """The `meta` a checkpoint stores of its data: `more` (e.g. `data=` the `DataConfig` as a dict) and the pixel
+    size of its patches, from the `sections` they were cut from (`spacing_record`: spacing_um, patch_px, patch_mm)."""
+    return {**more, **spacing_record([s.spacing_um for s in sections], patch_px)}
+
+
+def checkpoint_spacing(checkpoint) -> tuple[float, ...] | None:
+    """The pixel sizes (um) of the patches a checkpoint's encoder was trained on, from a checkpoint's dict or file;
+    None for a checkpoint written before they were recorded (then the caller must be given the pixel size)."""
+    st, file = (checkpoint, None) if isinstance(checkpoint, dict) else (load_checkpoint(checkpoint), checkpoint)
+    return recorded_spacing(st.get("meta") or {}, file=file)

@@ -32,14 +32,16 @@ from .manifest import load_manifest
 # the pieces of the loop live in their own modules; later chapters import them from here, as before
 from .training_config import (CLIP_METHODS, METHODS, MODALITIES, RESUMABLE_CHANGES, TrainConfig, build_model,
                                      lr_factor, make_optimizer, make_weighting)
-from .checkpoints import (LOG_FIELDS, checkpoint_path, load_checkpoint, load_encoder, load_model, log_dir,
-                                 read_log, rng_state, save_checkpoint, seed_everything, set_rng_state, truncate_log)
+from .checkpoints import (LOG_FIELDS, checkpoint_meta, checkpoint_path, load_checkpoint, load_encoder, load_model,
+                                 log_dir, read_log, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                                 truncate_log)
 from .training_data import (CODE_MODULES, BatchStream, DataConfig, build_data, load_training_samples, run_identity,
-                                   spread, surface_distances)
+                                   spread, surface_distances, training_sections)
 _all_ = ["METHODS", "MODALITIES", "CLIP_METHODS", "RESUMABLE_CHANGES", "LOG_FIELDS", "CODE_MODULES", "TrainConfig",
          "make_weighting", "lr_factor", "build_model", "make_optimizer", "BatchStream", "seed_everything",
          "checkpoint_path", "log_dir", "save_checkpoint", "load_checkpoint", "read_log", "load_model", "load_encoder",
-         "DataConfig", "run_identity", "spread", "load_training_samples", "build_data", "surface_distances"]
+         "DataConfig", "run_identity", "spread", "load_training_samples", "build_data", "surface_distances",
+         "checkpoint_meta", "training_sections"]
 
 
 # %% auto #0
@@ -49,7 +51,7 @@ __all__ = ['WORLD_SIZE', 'init_distributed', 'resolve_device', 'TrainingDiverged
            'CLIP_METHODS', 'RESUMABLE_CHANGES', 'LOG_FIELDS', 'CODE_MODULES', 'TrainConfig', 'make_weighting',
            'lr_factor', 'build_model', 'make_optimizer', 'BatchStream', 'seed_everything', 'checkpoint_path', 'log_dir',
            'save_checkpoint', 'load_checkpoint', 'read_log', 'load_model', 'load_encoder', 'DataConfig', 'run_identity',
-           'spread', 'load_training_samples', 'build_data', 'surface_distances']
+           'spread', 'load_training_samples', 'build_data', 'surface_distances', 'checkpoint_meta', 'training_sections']
 
 # %% ../nbs/07_training.ipynb #bfc10d6b
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
@@ -567,6 +569,7 @@ def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
         show = not args.no_progress and rank == 0
         man = load_manifest(dcfg.manifest)
         identity = run_identity(dcfg, man)
+        meta = checkpoint_meta(training_sections(dcfg, man), dcfg.patch_px, data=dataclasses.asdict(dcfg))
         data = distances = None
         for method in methods:
             cfg = dataclasses.replace(tcfg, method=method).validate()
@@ -576,7 +579,7 @@ def main(argv=None, prog: str = "python -m cytoclr.training") -> int:
                 sections, samples, ref = load_training_samples(dcfg, man, progress=show)
                 data = build_data(dcfg, cfg, sections, samples, ref, rank, world, distances=distances, progress=show)
             res = train(cfg, data, args.run_dir, distances=distances, resume=not args.no_resume,
-                        progress=not args.no_progress, meta={"data": dataclasses.asdict(dcfg)}, identity=identity,
+                        progress=not args.no_progress, meta=meta, identity=identity,
                         origin="cli")
             if rank == 0 and method == "random":
                 print(f"random: the seeded, untrained encoder, checkpoint {res.checkpoint}")

@@ -22,7 +22,7 @@ from .training_config import TrainConfig
 
 
 # %% auto #0
-__all__ = ['CODE_MODULES', 'BatchStream', 'ToyPatches', 'ToyBatches', 'DataConfig', 'run_identity', 'spread',
+__all__ = ['CODE_MODULES', 'BatchStream', 'ToyPatches', 'ToyBatches', 'DataConfig', 'run_identity', 'spread', 'training_sections',
            'load_training_samples', 'build_data', 'surface_distances']
 
 # %% ../nbs/06c_training_data.ipynb #41620c10
@@ -177,8 +177,9 @@ def spread(items: list, k: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, k).round().astype(int)]
 
 
-def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True):
-    "(sections, samples, reference) of the training split: sampled once, seeded by `dcfg.sample_seed`."
+def training_sections(dcfg: DataConfig, manifest=None) -> list:
+    """The sections a run samples from: the split's sections of `dcfg.modality` (of `dcfg.brains` only, when given),
+    at most `dcfg.max_sections` of them, evenly spread."""
     man = manifest if manifest is not None else load_manifest(dcfg.manifest)
     sections = man.split(dcfg.split, dcfg.modality)
     if dcfg.brains is not None:
@@ -189,7 +190,13 @@ def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True
             raise DataError(f"brains {missing or wanted} have no {dcfg.modality} sections in split '{dcfg.split}': "
                             f"expected some of {known}", file=getattr(man, "path", None), field="brains")
         sections = [s for s in sections if s.brain in wanted]
-    sections = spread(sections, dcfg.max_sections)
+    return spread(sections, dcfg.max_sections)
+
+
+def load_training_samples(dcfg: DataConfig, manifest=None, progress: bool = True):
+    "(sections, samples, reference) of the training split (`training_sections`): sampled once, seeded by `dcfg.sample_seed`."
+    man = manifest if manifest is not None else load_manifest(dcfg.manifest)
+    sections = training_sections(dcfg, man)
     if not sections:
         raise DataError(f"split '{dcfg.split}' has no {dcfg.modality} sections", file=getattr(man, "path", None), field="split")
     ref = man.reference

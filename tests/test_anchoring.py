@@ -8,7 +8,9 @@ import torch
 from cytoclr.anchoring import (Frame, anchor_errors, anchoring_scores, chance_anchoring, cosine_topk, encoder_space,
                                evaluate_anchoring, frame_sections, image_features, nearest_in_frame, pooled_scores, rank_of, retrieve, section_plane, standardise, topk_accuracy,
                                usable_frame, weights_fingerprint)
-from cytoclr.core import DataError
+from cytoclr.core import DataError, read_json, write_json_atomic
+from cytoclr.readers import recorded_spacing
+from cytoclr.sampling import Samples
 
 
 def test_cosine_topk_is_the_libraries_one():
@@ -131,6 +133,28 @@ def test_chance_ranks_are_uniform(rng):
     group, valid, _ = usable_frame(frame, q, planes, 4.0)
     _, rank = chance_anchoring(q.xyz, frame.xyz, group, valid, seed=0, kmax=10_000)
     assert abs(np.mean(rank) / valid[0].sum() - 0.5) < 0.1
+
+
+def test_a_frame_records_the_pixel_size_of_its_patches_and_old_frames_load(tmp_path, rng):
+    from types import SimpleNamespace as S
+    smp = Samples(section=np.array([0, 0, 2, 2]), rc=rng.normal(size=(4, 2)), xyz=rng.normal(size=(4, 3)),
+                  hemi=np.zeros(4, np.int8), vertex=np.zeros(4, np.int64), area=np.zeros(4, np.int64),
+                  brain=np.array(["b"] * 4), depth=np.zeros(4), surface_xyz=np.zeros((4, 3)))
+    secs = [S(id="s0", spacing_um=32.0), S(id="s1", spacing_um=8.0), S(id="s2", spacing_um=32)]  # s1 has no patch
+    f = Frame.from_samples(smp, secs, meta={"patch_px": 64, "grid_mm": 2.0})
+    assert f.meta == {"spacing_um": 32.0, "patch_px": 64, "patch_mm": 64 * 32.0 / 1000, "grid_mm": 2.0}
+    f.save(tmp_path / "fr")
+    assert Frame.load(tmp_path / "fr").meta == f.meta and recorded_spacing(Frame.load(tmp_path / "fr").meta) == (32.0,)
+    assert Frame.from_samples(smp, secs, meta={"spacing_um": 20.0}).meta == {"spacing_um": 20.0}  # the caller's wins
+    mixed = Frame.from_samples(smp, [secs[0], secs[1], S(id="s2", spacing_um=16.0)])
+    assert mixed.meta == {"spacing_um": [16.0, 32.0]} and recorded_spacing(mixed.meta) == (16.0, 32.0)
+    assert Frame.from_samples(smp, [S(id="a"), S(id="b"), S(id="c")]).meta == {}  # sections that do not know theirs
+    info = read_json(tmp_path / "fr" / "frame.json", None)  # a frame saved before pixel sizes were recorded
+    write_json_atomic(tmp_path / "fr" / "frame.json", {**info, "meta": {"patch_px": 64, "grid_mm": 2.0}})
+    old = Frame.load(tmp_path / "fr")
+    assert len(old) == 4 and recorded_spacing(old.meta) is None
+    assert recorded_spacing({"parts": [f.meta, mixed.meta]}) == (16.0, 32.0)  # frames concatenated (cytoclr anchor)
+    assert recorded_spacing({"parts": [f.meta, old.meta]}) is None
 
 
 def test_frame_save_load_and_the_embedding_space(tmp_path, rng):

@@ -102,9 +102,9 @@ def test_gather_and_assemble_put_parts_back_in_section_order():
     fs, qs = assemble_sets(parts, frames, {"nissl": [_sec("b", "coronal", 10)]}, {"nissl": {"patch_px": 2}}, 1, 2.0, 3.0)
     fr, fimg = fs[key]
     assert len(fr) == 5 and fr.meta == {"modality": "nissl", "brain": "b", "series": "coronal", "step_mm": 2.0,
-                                        "grid_mm": 3.0, "patch_px": 2}
+                                        "grid_mm": 3.0, "patch_px": 2, "spacing_um": 100.0, "patch_mm": 2 * 100.0 / 1000}
     np.testing.assert_array_equal(fr.xyz[:, 0], [0, 1, 2, 10, 11])
-    assert len(qs["nissl"][0]) == 1 and qs["nissl"][0].meta == {"modality": "nissl", "n_per_section": 1}
+    assert len(qs["nissl"][0]) == 1 and qs["nissl"][0].meta == {"modality": "nissl", "n_per_section": 1, "spacing_um": 100.0}
 
 
 def test_image_feature_sets_are_standardised_with_the_frames_together(rng):

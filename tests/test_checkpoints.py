@@ -1,13 +1,15 @@
 "Tests of cytoclr.checkpoints: where a run's files live, atomic checkpoints, random states, the per-step log."
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from cytoclr.checkpoints import (LOG_FIELDS, checkpoint_path, load_checkpoint, log_dir, read_log, rng_state,
-                                 save_checkpoint, seed_everything, set_rng_state, truncate_log)
+from cytoclr.checkpoints import (LOG_FIELDS, checkpoint_meta, checkpoint_path, checkpoint_spacing, load_checkpoint,
+                                 log_dir, read_log, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                                 truncate_log)
 from cytoclr.core import DataError
 
 
@@ -53,3 +55,22 @@ def test_truncate_log_keeps_the_rows_up_to_a_step_byte_for_byte(tmp_path):
     assert read_log(tmp_path / "none.csv") == []
     truncate_log(tmp_path / "none.csv", 1)  # a missing log is left missing
     assert not (tmp_path / "none.csv").exists()
+
+
+def test_the_pixel_size_of_the_training_patches_round_trips_and_old_checkpoints_load(tmp_path):
+    secs = [SimpleNamespace(spacing_um=s) for s in (64.0, 64, 64.0)]
+    meta = checkpoint_meta(secs, 64, data={"patch_px": 64, "split": "train"})
+    assert meta == {"data": {"patch_px": 64, "split": "train"}, "spacing_um": 64.0, "patch_px": 64,
+                    "patch_mm": 64 * 64.0 / 1000}
+    p = save_checkpoint(tmp_path / "new.pt", {"step": 3, "model": {"w": torch.ones(2)}, "meta": meta})
+    assert load_checkpoint(p)["meta"] == meta and checkpoint_spacing(p) == (64.0,) == checkpoint_spacing(load_checkpoint(p))
+    mixed = checkpoint_meta([SimpleNamespace(spacing_um=s) for s in (32.0, 16.0, 32.0)], 128)
+    assert mixed["spacing_um"] == [16.0, 32.0] and mixed["patch_mm"] == [128 * 16.0 / 1000, 128 * 32.0 / 1000]
+    assert checkpoint_spacing(save_checkpoint(tmp_path / "mixed.pt", {"meta": mixed})) == (16.0, 32.0)
+    for old in ({"step": 3, "meta": {"data": {"patch_px": 64}}}, {"step": 3, "meta": {}}, {"step": 3}):
+        assert checkpoint_spacing(save_checkpoint(tmp_path / "old.pt", old)) is None  # written before: unknown
+    with pytest.raises(DataError) as e:
+        checkpoint_spacing(save_checkpoint(tmp_path / "bad.pt", {"meta": {"spacing_um": float("nan")}}))
+    assert e.value.field == "spacing_um" and e.value.file == tmp_path / "bad.pt"
+    with pytest.raises(DataError, match="checkpoint not found"):
+        checkpoint_spacing(tmp_path / "missing.pt")

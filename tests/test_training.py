@@ -452,12 +452,14 @@ def test_cli_trains_the_methods_of_a_config(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_manifest", lambda p: type("Manifest", (), {"reference": "REF"})())
     monkeypatch.setattr(T, "surface_distances", lambda ref, **kw: toy_distances)
     monkeypatch.setattr(T, "build_model", lambda cfg: ToyModel(seed=cfg.seed))
+    monkeypatch.setattr(T, "training_sections", lambda dcfg, man: [type("Sec", (), {"spacing_um": 20.0})()] * 2)
     cfg = tmp_path / "train.yml"
     cfg.write_text("methods: [geodesic, supcon, random]\nsteps: 3\nbatch_size: 8\nproj_dim: 8\nproj_hidden: 16\n")
     assert T.main(["--config", str(cfg), "--run-dir", str(tmp_path / "run"), "-p", "steps=4", "--no-progress"]) == 0
     for m in ("geodesic", "supcon", "random"):
         st = torch.load(ckpt_of(tmp_path / "run", m), weights_only=False)
         assert st["step"] == (0 if m == "random" else 4) and st["config"]["steps"] == 4
+        assert st["meta"]["spacing_um"] == 20.0 and st["meta"]["patch_mm"] == st["meta"]["data"]["patch_px"] * 20.0 / 1000
     assert set(json.loads((tmp_path / "run/metrics.json").read_text())["training"]["nissl"]) == {"geodesic", "supcon"}
     assert torch.load(ckpt_of(tmp_path / "run", "geodesic"), weights_only=False)["origin"] == "cli"
 

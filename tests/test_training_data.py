@@ -89,6 +89,9 @@ def test_training_data_can_be_restricted_to_some_brains(monkeypatch):
     secs, *_ = D.load_training_samples(DataConfig(brains="b0", max_sections=2), _Manifest())
     assert [(s.brain, s.section) for s in secs] == [("b0", 0), ("b0", 2)]  # spread within the chosen brain
     assert len(D.load_training_samples(DataConfig(), _Manifest())[0]) == 6  # None: every brain
+    for dcfg in (DataConfig(brains=["b1"]), DataConfig(brains="b0", max_sections=2), DataConfig()):
+        key = lambda secs: [(s.brain, s.section) for s in secs]
+        assert key(D.training_sections(dcfg, _Manifest())) == key(D.load_training_samples(dcfg, _Manifest())[0])
     for bad in (["b7"], []):
         with pytest.raises(DataError) as e:
             D.load_training_samples(DataConfig(brains=bad), _Manifest())
