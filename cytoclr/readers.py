@@ -444,7 +444,7 @@ class Resampled(ImageReader):
     reader. Refused, with a `DataError` naming `field`: a non-finite or non-positive `source_um`, enlarging by
     more than `max_enlarge` (the detail an encoder trained at `target_um` needs is not in the image), a result
     smaller than `min_px` (one patch) on a side."""
-    tile_px = 2048  # source pixels a side resampled at once: bounds the memory of any read
+    tile_px = 1024  # source pixels a side resampled at once: bounds the memory of any read (about 30 MB a channel)
     coarsest_side = 256  # the wrapper's pyramid halves until a level's longer side is at most this
 
     def __init__(self, reader: ImageReader, source_um: float, target_um: float, *, min_px: int = 1,
