@@ -240,6 +240,15 @@ def test_jpeg_export_without_masks(tmp_path):
         assert np.array_equal(s.affine, orig.affine)
 
 
+def test_zarr_export_without_masks(tmp_path):
+    "`masks=False` with OME-Zarr: stores without `labels`, manifest entries without `mask`, still a valid manifest."
+    p = _export(tmp_path / "z", modality="nissl", masks=False)
+    stores = sorted((tmp_path / "z").rglob("*.ome.zarr"))
+    assert len(stores) == 6 and not any((q / "labels").exists() for q in stores)
+    assert validate_manifest(p, deep=False) == []
+    assert all(e.mask is None for e in load_manifest(p).entries)
+
+
 def test_to_uint8_inverts_the_readers():
     "`_to_uint8` is the inverse of how readers turn 8-bit images into values (PLI direction: steps of 180/256 deg)."
     u = np.random.default_rng(0).integers(0, 256, size=(3, 40, 50)).astype(np.uint8)
