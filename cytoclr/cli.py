@@ -85,8 +85,8 @@ def _add_phantom(sub):
                     help="tilt of the cutting planes in degrees, A about the image's horizontal axis and B about its "
                          "vertical axis, each within +-45 (default: each section's own random tilt of a few degrees)")
     pe.add_argument("--compression", choices=["lossless", "jpeg"], default="lossless",
-                    help="lossless (default) or jpeg: 8-bit JPEG tiles as slide scanners write them (--format tiff, "
-                         "Nissl only). The manifest keeps every section's true affine either way")
+                    help="lossless (default) or jpeg: 8-bit JPEG tiles as slide scanners write them (--format tiff; "
+                         "PLI direction in steps of 180/256 degrees). The manifest keeps every section's true affine")
     pe.add_argument("--no-mask", action="store_true", help="write no cortex-mask files, only the images")
 
 

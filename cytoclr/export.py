@@ -225,7 +225,7 @@ MAX_TILT_DEG = 45.0  # `--tilt-deg`: a cutting plane tilted further is no longer
 COMPRESSIONS = ("lossless", "jpeg")
 
 
-def _check_section_options(positions, rotation_deg, flip, tilt_deg, compression, masks, modality, format) -> tuple:
+def _check_section_options(positions, rotation_deg, flip, tilt_deg, compression, masks, format) -> tuple:
     """How the sections are cut and stored, refused with the command-line option at fault; returns positions (list
     or None), rotation (float), flip (bool), tilt ((a, b) or None: the phantom's own random tilt)."""
     if positions is not None:
@@ -330,12 +330,13 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
     `data_manifest.yml` into `out` (atomic, resumable); planes along `axis` at `positions` (mm along the cutting
     axis; default: `sections` evenly spread). Sections as a lab receives them: turned by `rotation_deg` in their
     plane, mirrored (`flip`), cut on planes tilted by `tilt_deg` = (a, b) degrees (default: each section's own
-    random tilt), TIFF tiles JPEG-compressed (`compression="jpeg"`, Nissl only), no mask files (`masks=False`);
+    random tilt), TIFF tiles JPEG-compressed (`compression="jpeg"`, 8 bits, `_to_uint8`), no mask files
+    (`masks=False`);
     the manifest keeps every section's true affine. Returns the manifest path."""
     out = Path(out)
     _check_export_arguments(brains, sections, spacing_um, modality, format)
     positions, rotation_deg, flip, tilt_deg = _check_section_options(positions, rotation_deg, flip, tilt_deg,
-                                                                     compression, masks, modality, format)
+                                                                     compression, masks, format)
     if brain_factory is None:
         brain_factory = PhantomBrain  # brain_factory(seed=, ref=) -> PhantomBrain
     try:
