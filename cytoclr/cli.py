@@ -78,6 +78,16 @@ def _add_phantom(sub):
     pe.add_argument("--axis", choices=["coronal", "sagittal", "axial"], default="coronal", help="cutting axis")
     pe.add_argument("--positions", type=float, nargs="+", metavar="MM",
                     help="plane positions along the axis in mm (default: --sections planes evenly spread)")
+    pe.add_argument("--rotation-deg", type=float, default=0.0, metavar="DEG",
+                    help="turn every section in its plane by DEG degrees, as it lies on the slide (default 0)")
+    pe.add_argument("--flip", action="store_true", help="mirror every section (a section mounted upside down)")
+    pe.add_argument("--tilt-deg", type=float, nargs=2, metavar=("A", "B"),
+                    help="tilt of the cutting planes in degrees, A about the image's horizontal axis and B about its "
+                         "vertical axis, each within +-45 (default: each section's own random tilt of a few degrees)")
+    pe.add_argument("--compression", choices=["lossless", "jpeg"], default="lossless",
+                    help="lossless (default) or jpeg: 8-bit JPEG tiles as slide scanners write them (--format tiff; "
+                         "PLI direction in steps of 180/256 degrees). The manifest keeps every section's true affine")
+    pe.add_argument("--no-mask", action="store_true", help="write no cortex-mask files, only the images")
 
 
 def _add_anchor(sub):
@@ -172,7 +182,8 @@ def _dispatch(args) -> int:
         from cytoclr.export import export_phantom_cli
         return export_phantom_cli(out=args.out, brains=args.brains, sections=args.sections, spacing_um=args.spacing_um,
                                   modality=args.modality, seed=args.seed, format=args.format, axis=args.axis,
-                                  positions=args.positions)
+                                  positions=args.positions, rotation_deg=args.rotation_deg, flip=args.flip,
+                                  tilt_deg=args.tilt_deg, compression=args.compression, no_mask=args.no_mask)
     elif args.command == "anchor":
         from cytoclr.anchor import anchor_cli
         return anchor_cli(images=args.images, modality=args.modality, spacing_um=args.spacing_um, out=args.out,

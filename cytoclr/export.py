@@ -25,9 +25,9 @@ from .sections import MODALITIES, mask_shape
 ROUND_TRIP_MAX_ABS_DIFF = K.ROUND_TRIP_MAX_ABS_DIFF  # metrics.json: data.round_trip_max_abs_diff
 
 # %% auto #0
-__all__ = ['ROUND_TRIP_MAX_ABS_DIFF', 'phantom_y_positions', 'default_splits', 'write_section_zarr', 'write_section_tiff',
-           'plane_positions', 'export_phantom', 'export_phantom_cli', 'round_trip_pairs', 'round_trip_differences',
-           'data_metrics']
+__all__ = ['ROUND_TRIP_MAX_ABS_DIFF', 'JPEG_QUALITY', 'MAX_TILT_DEG', 'COMPRESSIONS', 'phantom_y_positions', 'default_splits',
+           'write_section_zarr', 'write_section_tiff', 'plane_positions', 'export_phantom', 'export_phantom_cli',
+           'round_trip_pairs', 'round_trip_differences', 'data_metrics']
 
 # %% ../nbs/02d_phantom_export.ipynb #a5e78a8b
 def phantom_y_positions(ref, n: int, margin_mm: float = 25.0) -> list[float]:
@@ -73,8 +73,9 @@ def _multiscales(name, axes, n, spacing_um, channel: bool):
             {"type": "scale", "scale": ([1.0] if channel else []) + [spacing_um * 2 ** l] * 2}]} for l in range(n)]}]
 
 
-def write_section_zarr(sec, path, chunk: int = 256, name: str = "", block: int = 1024, max_mask_px: int = 2 ** 26) -> Path:
-    "Render a section window by window into an OME-Zarr store at `path` (image pyramid + cortex-mask labels)."
+def write_section_zarr(sec, path, chunk: int = 256, name: str = "", block: int = 1024, max_mask_px: int = 2 ** 26,
+                       mask: bool = True) -> Path:
+    "Render a section window by window into an OME-Zarr store at `path` (image pyramid + cortex-mask labels unless `mask` is False)."
     import zarr  # heavy: imported only when a store is written
     from zarr.codecs import ZstdCodec
     path = Path(path)
@@ -101,6 +102,8 @@ def write_section_zarr(sec, path, chunk: int = 256, name: str = "", block: int =
             for c0 in range(0, w, 2 * block):
                 d = _downsample2(arrs[l - 1][:, r0:r0 + 2 * block, c0:c0 + 2 * block])
                 arrs[l][:, r0 // 2:r0 // 2 + d.shape[1], c0 // 2:c0 // 2 + d.shape[2]] = d
+    if not mask:
+        return path
     labels = g.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["cortex"]}})
     n_mask = _n_levels((H, W), 32)  # masks are small: keep levels down to ~32 px, exactly as the source computes them
     first = next(l for l in range(n_mask) if np.prod(mask_shape((H, W), l)) <= max_mask_px)  # bounded memory
@@ -117,11 +120,35 @@ def write_section_zarr(sec, path, chunk: int = 256, name: str = "", block: int =
     return path
 
 
-def write_section_tiff(sec, path, chunk: int = 256, block: int = 1024, max_mask_px: int = 2 ** 24) -> tuple[Path, Path]:
+JPEG_QUALITY = 90  # `--compression jpeg`: the JPEG quality of the tiles (slide scanners write 70 to 95)
+_UINT8_SCALE = {"nissl": ((1.0, 255),), "pli": ((1.0, 255), (1.0, 255), (180.0, 256))}  # per channel: the top of
+# its range and the 8-bit steps over it (256 steps: an angle, whose top wraps to 0)
+
+
+def _to_uint8(a: np.ndarray, modality: str) -> np.ndarray:
+    """Rendered values (c, h, w) -> uint8, the inverse of how readers turn 8-bit images back into values: intensities,
+    transmittance and retardation in [0, 1] to 0..255 (/ 255 back), PLI direction in [0, 180] degrees to steps of
+    180/256 degrees (180 wraps to 0). A value outside its range is refused, not clipped."""
+    out = np.empty(a.shape, np.uint8)
+    for c, ((hi, steps), name) in enumerate(zip(_UINT8_SCALE[modality], MODALITIES[modality])):
+        vmin, vmax = float(a[c].min()), float(a[c].max())
+        if vmin < 0 or vmax > hi:
+            raise DataError(f"8-bit JPEG cannot hold {modality} {name} values {vmin:.4g}..{vmax:.4g} (range 0..{hi:g})",
+                            field="compression")
+        out[c] = np.rint(a[c] * np.float32(steps / hi)).astype(np.uint16) % 256
+    return out
+
+
+def write_section_tiff(sec, path, chunk: int = 256, block: int = 1024, max_mask_px: int = 2 ** 24,
+                       compression: str = "zlib", mask: bool = True) -> tuple[Path, Path | None]:
     """Render a section into a tiled, pyramidal BigTIFF at `path` (as slide scanners write them: level 0 plus 2x
-    downsampled sub-resolution levels, zlib tiles; PLI as three planar channels) and its cortex mask into
-    `<stem>_mask.tif` (uint8 pyramid from the finest level with at most `max_mask_px` pixels). Returns both paths."""
+    downsampled sub-resolution levels; PLI as three planar channels) and its cortex mask into `<stem>_mask.tif`
+    (uint8 pyramid from the finest level with at most `max_mask_px` pixels; none when `mask` is False).
+    `compression`: "zlib" (lossless float32 tiles) or "jpeg" (8-bit JPEG tiles of quality `JPEG_QUALITY`; each
+    level is rounded to 8 bits after the 2x2 means, `_to_uint8`). Returns both paths (mask: None)."""
     import tifffile  # heavy: imported only when a TIFF is written
+    if compression not in ("zlib", "jpeg"):
+        raise DataError(f"must be zlib or jpeg, got {compression!r}", field="compression")
     path = Path(path)
     H, W = sec.shape
     C = int(sec.channels)
@@ -135,6 +162,9 @@ def write_section_tiff(sec, path, chunk: int = 256, block: int = 1024, max_mask_
     for _ in range(1, n):
         levels.append(_downsample2(levels[-1]))
     kw = dict(tile=(chunk, chunk), compression="zlib", photometric="minisblack")
+    if compression == "jpeg":
+        levels = [_to_uint8(a, sec.modality) for a in levels]
+        kw.update(compression="jpeg", compressionargs={"level": JPEG_QUALITY})
     if C > 1:
         kw["planarconfig"] = "separate"
     prep = lambda a: a[0] if C == 1 else a
@@ -142,6 +172,8 @@ def write_section_tiff(sec, path, chunk: int = 256, block: int = 1024, max_mask_
         tif.write(prep(levels[0]), subifds=n - 1, metadata=None, **kw)
         for a in levels[1:]:
             tif.write(prep(a), subfiletype=1, metadata=None, **kw)
+    if not mask:
+        return path, None
     mask_path = path.with_name(path.name.split(".")[0] + "_mask.tif")
     n_mask = _n_levels((H, W), 32)
     first = next(l for l in range(n_mask) if np.prod(mask_shape((H, W), l)) <= max_mask_px)
@@ -189,6 +221,35 @@ def _check_export_arguments(brains, sections, spacing_um, modality, format):
         raise DataError(f"must be zarr or tiff, got {format!r}", field="--format")
 
 
+MAX_TILT_DEG = 45.0  # `--tilt-deg`: a cutting plane tilted further is no longer a section along the axis
+COMPRESSIONS = ("lossless", "jpeg")
+
+
+def _check_section_options(positions, rotation_deg, flip, tilt_deg, compression, masks, format) -> tuple:
+    """How the sections are cut and stored, refused with the command-line option at fault; returns positions (list
+    or None), rotation (float), flip (bool), tilt ((a, b) or None: the phantom's own random tilt)."""
+    if positions is not None:
+        positions = [check_number(p, "--positions") for p in np.ravel(np.asarray(positions, dtype=object))]
+        if not positions:
+            raise DataError("must give at least one position (mm)", field="--positions")
+    rotation_deg = check_number(rotation_deg, "--rotation-deg")
+    for name, v in (("--flip", flip), ("--no-mask", masks)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise DataError(f"must be True or False, got {v!r}", field=name)
+    if tilt_deg is not None:
+        t = list(tilt_deg) if isinstance(tilt_deg, (list, tuple, np.ndarray)) else [tilt_deg]
+        if len(t) != 2:
+            raise DataError(f"must be two angles A B (degrees), got {tilt_deg!r}", field="--tilt-deg")
+        tilt_deg = tuple(check_number(v, "--tilt-deg") for v in t)
+        if max(abs(v) for v in tilt_deg) > MAX_TILT_DEG:
+            raise DataError(f"angles must lie within +-{MAX_TILT_DEG:g} degrees, got {list(tilt_deg)}", field="--tilt-deg")
+    if compression not in COMPRESSIONS:
+        raise DataError(f"must be lossless or jpeg, got {compression!r}", field="--compression")
+    if compression == "jpeg" and format != "tiff":
+        raise DataError("jpeg is for --format tiff (OME-Zarr chunks stay lossless)", field="--compression")
+    return positions, rotation_deg, bool(flip), tilt_deg
+
+
 def _export_state(out: Path, params: dict, brain_factory) -> dict:
     """What `.cytoclr-export.json` says was written already ({rel path: sha256 and affine}), forgotten when the
     phantom's code changed; an export with other parameters is refused. Leftovers of a killed export are removed."""
@@ -206,18 +267,21 @@ def _export_state(out: Path, params: dict, brain_factory) -> dict:
     return state
 
 
-def _write_section_atomic(sec, out: Path, rel: str, mask_rel: str, format: str, chunk: int, sid: str) -> str:
-    "Write one section (and its mask TIFF) under a temporary name, then rename it into place; its sha256."
+def _write_section_atomic(sec, out: Path, rel: str, mask_rel: str | None, format: str, chunk: int, sid: str,
+                          compression: str = "lossless") -> str:
+    "Write one section (and its mask TIFF unless `mask_rel` is None) under a temporary name, then rename it into place; its sha256."
     final = out / rel
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         if format == "zarr":
-            write_section_zarr(sec, tmp, chunk=chunk, name=sid)
+            write_section_zarr(sec, tmp, chunk=chunk, name=sid, mask=mask_rel is not None)
         else:
             tmp = tmp.with_suffix(".tif")
-            _, mtmp = write_section_tiff(sec, tmp, chunk=chunk)
-            os.replace(mtmp, out / mask_rel)
+            _, mtmp = write_section_tiff(sec, tmp, chunk=chunk, compression="jpeg" if compression == "jpeg" else "zlib",
+                                         mask=mask_rel is not None)
+            if mtmp is not None:
+                os.replace(mtmp, out / mask_rel)
         digest = path_fingerprint(tmp)
         if final.exists():
             _rm(final)
@@ -240,14 +304,39 @@ def _write_manifest(out: Path, entries: list, bids: list, seed: int, sections: i
     return path
 
 # %% ../nbs/02d_phantom_export.ipynb #413e191c
+def _options_flags(positions, rotation_deg, flip, tilt_deg, compression, masks) -> str:
+    "The command-line options of the non-default section options (for the manifest's first line)."
+    out = ""
+    if positions is not None:
+        out += " --positions " + " ".join(f"{p:g}" for p in positions)
+    if rotation_deg != 0:
+        out += f" --rotation-deg {rotation_deg:g}"
+    if flip:
+        out += " --flip"
+    if tilt_deg is not None:
+        out += f" --tilt-deg {tilt_deg[0]:g} {tilt_deg[1]:g}"
+    if compression != "lossless":
+        out += f" --compression {compression}"
+    if not masks:
+        out += " --no-mask"
+    return out
+
+
 def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 32.0, modality: str = "nissl",
                    seed: int = 0, chunk: int = 256, progress: bool = True, ref=None, brain_factory=None,
-                   format: str = "zarr", axis: str = "coronal", positions=None) -> Path:
+                   format: str = "zarr", axis: str = "coronal", positions=None, rotation_deg: float = 0.0,
+                   flip: bool = False, tilt_deg=None, compression: str = "lossless", masks: bool = True) -> Path:
     """Write phantom sections as OME-Zarr (or tiled pyramidal TIFF with a mask TIFF, `format="tiff"`) plus
     `data_manifest.yml` into `out` (atomic, resumable); planes along `axis` at `positions` (mm along the cutting
-    axis; default: `sections` evenly spread). Returns the manifest path."""
+    axis; default: `sections` evenly spread). Sections as a lab receives them: turned by `rotation_deg` in their
+    plane, mirrored (`flip`), cut on planes tilted by `tilt_deg` = (a, b) degrees (default: each section's own
+    random tilt), TIFF tiles JPEG-compressed (`compression="jpeg"`, 8 bits, `_to_uint8`), no mask files
+    (`masks=False`);
+    the manifest keeps every section's true affine. Returns the manifest path."""
     out = Path(out)
     _check_export_arguments(brains, sections, spacing_um, modality, format)
+    positions, rotation_deg, flip, tilt_deg = _check_section_options(positions, rotation_deg, flip, tilt_deg,
+                                                                     compression, masks, format)
     if brain_factory is None:
         brain_factory = PhantomBrain  # brain_factory(seed=, ref=) -> PhantomBrain
     try:
@@ -256,11 +345,19 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
         raise DataError(f"cannot be made a folder ({e.strerror})", file=out, field="--out") from None
     params = {"brains": int(brains), "sections": int(sections), "spacing_um": float(spacing_um), "modality": modality,
               "seed": int(seed), "chunk": int(chunk), "format": 1, "file_format": format, "axis": axis,
-              "positions": None if positions is None else [float(p) for p in positions]}
-    state = _export_state(out, params, brain_factory)
+              "positions": positions}
+    cut = {}  # how the sections are cut: only what differs from the defaults (a default export is unchanged)
+    if rotation_deg != 0:
+        cut["rotation_deg"] = rotation_deg
+    if flip:
+        cut["flip"] = True
+    if tilt_deg is not None:
+        cut["tilt_deg"] = list(tilt_deg)
+    stored = ({"compression": compression} if compression != "lossless" else {}) | ({} if masks else {"masks": False})
+    state = _export_state(out, {**params, **cut, **stored}, brain_factory)
     ref = ref if ref is not None else load_reference()
     mods = ["nissl", "pli"] if modality == "both" else [modality]
-    ys = [float(p) for p in positions] if positions is not None else plane_positions(ref, axis, int(sections))
+    ys = positions if positions is not None else plane_positions(ref, axis, int(sections))
     bids = [f"phantom-{seed + b}" for b in range(brains)]
     jobs = [(b, seed + bi, m, j, y) for bi, b in enumerate(bids) for m in mods for j, y in enumerate(ys)]
     cache, entries = {}, []
@@ -268,33 +365,40 @@ def export_phantom(out, brains: int = 2, sections: int = 4, spacing_um: float = 
     for bid, bseed, mod, j, y in bar:
         sid = f"{bid}/{mod}/{j:03d}"
         rel = f"{bid}/{mod}_{j:03d}.ome.zarr" if format == "zarr" else f"{bid}/{mod}_{j:03d}.tif"
-        mask_rel = f"{rel}/labels/cortex" if format == "zarr" else f"{bid}/{mod}_{j:03d}_mask.tif"
+        mask_rel = None if not masks else f"{rel}/labels/cortex" if format == "zarr" else f"{bid}/{mod}_{j:03d}_mask.tif"
         done = state["done"].get(rel)
         if not (done and (out / rel).exists() and path_fingerprint(out / rel) == done["sha256"]
-                and (format == "zarr" or (out / mask_rel).exists())):
+                and (mask_rel is None or (out / mask_rel).exists())):
             bar.set_postfix_str(sid)
             if bid not in cache:
                 cache = {bid: brain_factory(seed=bseed, ref=ref)}  # one brain in memory at a time
-            sec = cache[bid].section(index=j, y_mm=y, axis=axis, spacing_um=float(spacing_um), modality=mod)
-            digest = _write_section_atomic(sec, out, rel, mask_rel, format, chunk, sid)
-            done = {"sha256": digest, "affine": np.asarray(sec.affine, float).tolist()}
+            kw = {"tilt_deg": tilt_deg, "rotation_deg": rotation_deg, "flip": flip} if cut else {}
+            sec = cache[bid].section(index=j, y_mm=y, axis=axis, spacing_um=float(spacing_um), modality=mod, **kw)
+            digest = _write_section_atomic(sec, out, rel, mask_rel, format, chunk, sid, compression)
+            done = {"sha256": digest, "affine": np.asarray(sec.affine, float).tolist()}  # the true affine, always
             state["done"][rel] = done
             write_json_atomic(out / ".cytoclr-export.json", state)
         entries.append({"id": sid, "brain": bid, "index": j, "modality": mod, "spacing_um": float(spacing_um),
                         "path": rel, "sha256": done["sha256"], "transform": {"affine": done["affine"]},
-                        "mask": {"path": mask_rel},
-                        "provenance": {"phantom": {"seed": bseed, "y_mm": y, "axis": axis}}})
+                        **({"mask": {"path": mask_rel}} if mask_rel is not None else {}),
+                        "provenance": {"phantom": {"seed": bseed, "y_mm": y, "axis": axis, **cut}}})
     head = (f"# Phantom sections written by: cytoclr phantom export --brains {brains} --sections {sections} "
-            f"--spacing-um {spacing_um:g} --modality {modality} --seed {seed} --format {format} --axis {axis}\n"
+            f"--spacing-um {spacing_um:g} --modality {modality} --seed {seed} --format {format} --axis {axis}"
+            f"{_options_flags(positions, rotation_deg, flip, tilt_deg, compression, masks)}\n"
             "# Paths are relative to this file.\n")
     return _write_manifest(out, entries, bids, seed, sections, head)
 
 
 def export_phantom_cli(*, out, brains: int = 2, sections: int = 4, spacing_um: float = 32.0, modality: str = "nissl",
-                       seed: int = 0, format: str = "zarr", axis: str = "coronal", positions=None) -> int:
+                       seed: int = 0, format: str = "zarr", axis: str = "coronal", positions=None,
+                       rotation_deg: float = 0.0, flip: bool = False, tilt_deg=None, compression: str = "lossless",
+                       no_mask: bool = False) -> int:
     "`cytoclr phantom export`: render, write, print where the manifest is. Keywords: the command's options."
+    if not isinstance(no_mask, (bool, np.bool_)):
+        raise DataError(f"must be True or False, got {no_mask!r}", field="--no-mask")
     path = export_phantom(out, brains=brains, sections=sections, spacing_um=spacing_um, modality=modality, seed=seed,
-                          format=format, axis=axis, positions=positions)
+                          format=format, axis=axis, positions=positions, rotation_deg=rotation_deg, flip=flip,
+                          tilt_deg=tilt_deg, compression=compression, masks=not no_mask)
     n = len(load_manifest(path).entries)
     print(f"wrote {n} phantom sections and {path}; check them with: cytoclr data check {path}")
     return 0
@@ -307,9 +411,10 @@ def round_trip_pairs(disk: Manifest, spacing_um: float | None = None) -> list[tu
     pairs = []
     for e, sec in zip(disk.entries, disk.sections):
         brain = disk.phantom_brain(e.brain)  # built once per brain
-        y = disk.data["sections"][disk.entries.index(e)]["provenance"]["phantom"]["y_mm"]
-        orig = brain.section(index=e.index, y_mm=y, modality=e.modality,
-                            spacing_um=e.spacing_um if spacing_um is None else spacing_um)
+        ph = disk.data["sections"][disk.entries.index(e)]["provenance"]["phantom"]  # y_mm, axis and how it was cut
+        kw = {k: ph[k] for k in ("axis", "tilt_deg", "rotation_deg", "flip") if k in ph}
+        orig = brain.section(index=e.index, y_mm=ph["y_mm"], modality=e.modality,
+                             spacing_um=e.spacing_um if spacing_um is None else spacing_um, **kw)
         H, W = sec.shape
         a, b = sec.read(slice(0, H), slice(0, W)), orig.read(slice(0, H), slice(0, W))
         pairs.append((e, sec, orig, a, b))

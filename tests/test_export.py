@@ -5,16 +5,24 @@ import numpy as np
 import pytest
 
 from cytoclr.core import DataError
-from cytoclr.export import (ROUND_TRIP_MAX_ABS_DIFF, data_metrics, default_splits, export_phantom, export_phantom_cli,
-                            phantom_y_positions, round_trip_differences, round_trip_pairs)
+from cytoclr.export import (MAX_TILT_DEG, ROUND_TRIP_MAX_ABS_DIFF, _to_uint8, data_metrics, default_splits,
+                            export_phantom, export_phantom_cli, phantom_y_positions, round_trip_differences,
+                            round_trip_pairs, write_section_tiff)
 from cytoclr.manifest import load_manifest
 from cytoclr.manifest_check import check_manifest_cli, validate_manifest
+from cytoclr.readers import open_image
+from cytoclr.sections import _to_float
 
 from helpers import HAS_PHANTOM, FakeBrain, _Ref
 
 
 class ExportBrain(FakeBrain):
     "The fake phantom, defined in this module: the export fingerprints the module of its brain factory."
+    calls = []  # the keywords of every `section` call beyond the plane and the pixel size
+
+    def section(self, index=0, y_mm=None, spacing_um=32.0, modality="nissl", **kw):
+        ExportBrain.calls.append({k: v for k, v in kw.items() if k != "axis"})
+        return super().section(index, y_mm, spacing_um, modality, **kw)
 
 def test_default_splits():
     s = default_splits(["a", "b", "c"], 10)
@@ -177,3 +185,138 @@ def test_round_trip_pairs_of_an_export_are_identical(tmp_path, ref):
     assert all(a.shape == b.shape and a.dtype == np.float32 for *_, a, b in pairs)
     assert data_metrics(disk, round_trip_differences(pairs)) == {"manifest_sections": 2, "manifest_brains": 1,
                                                                   ROUND_TRIP_MAX_ABS_DIFF: 0.0}
+
+
+# ---------------------------------------------------------------- sections as a lab receives them (fake phantom)
+CUT = dict(rotation_deg=30.0, flip=True, tilt_deg=(6.0, -4.0))
+
+
+def test_export_cut_options_reach_the_phantom(tmp_path):
+    "Rotation, flip and tilt go to every `section` call and into the provenance; a default export passes none."
+    ExportBrain.calls = []
+    _export(tmp_path / "plain")
+    assert ExportBrain.calls and all(c == {} for c in ExportBrain.calls)  # exactly the calls of before
+    ExportBrain.calls = []
+    p = _export(tmp_path / "cut", format="tiff", **CUT)
+    assert ExportBrain.calls == [CUT] * 12
+    m = load_manifest(p)
+    for s in m.data["sections"]:
+        assert {k: s["provenance"]["phantom"][k] for k in CUT} == {**CUT, "tilt_deg": [6.0, -4.0]}
+    assert "--rotation-deg 30 --flip --tilt-deg 6 -4\n" in p.read_text().splitlines(keepends=True)[0]
+    with pytest.raises(DataError, match="other parameters"):  # the options are part of what the folder holds
+        _export(tmp_path / "cut", format="tiff", rotation_deg=31.0, flip=True, tilt_deg=(6.0, -4.0))
+
+
+def test_explicit_defaults_write_the_default_export(tmp_path):
+    "The new keywords at their defaults write byte for byte what an export without them writes (state file included)."
+    _export(tmp_path / "a", format="tiff")
+    _export(tmp_path / "b", format="tiff", rotation_deg=0.0, flip=False, tilt_deg=None, compression="lossless", masks=True)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+
+
+def test_jpeg_export_without_masks(tmp_path):
+    """`compression="jpeg"`: every level of every image is 8-bit JPEG tiles that `open_image` and the manifest read
+    back close to the rendered values; `masks=False`: no mask files and no `mask` entries, the manifest still valid."""
+    import tifffile
+    p = _export(tmp_path / "j", format="tiff", compression="jpeg", masks=False)
+    assert not list((tmp_path / "j").rglob("*_mask.tif"))
+    assert validate_manifest(p, deep=False) == []
+    m = load_manifest(p)
+    ys = phantom_y_positions(_Ref(), 3)
+    for e, s, raw in zip(m.entries, m.sections, m.data["sections"]):
+        assert "mask" not in raw and e.mask is None
+        with tifffile.TiffFile(e.path) as tif:
+            pages = [tif.pages[0], *tif.pages[0].pages]  # level 0 and its sub-resolution levels
+            assert len(pages) >= 2 and all(q.compression == tifffile.COMPRESSION.JPEG and q.dtype == np.uint8 for q in pages)
+        img = open_image(e.path)
+        assert img.dtype == np.uint8 and img.levels[0] == (130, 170)
+        brain, mod, idx = e.id.split("/")
+        orig = FakeBrain(int(brain.split("-")[1])).section(int(idx), ys[int(idx)], 32.0, mod)
+        want = orig.read(slice(0, 130), slice(0, 170))
+        grey = np.abs(img.read(slice(0, 130), slice(0, 170)).astype(float) - _to_uint8(want, mod))
+        assert grey.mean() < 3.0 and grey.max() <= 40  # measured: mean 1.1-1.4, max 10-12 grey levels
+        got = s.read(slice(0, 130), slice(0, 170))  # through the manifest: values again
+        assert got.dtype == np.float32 and np.abs(got[:2] - want[:2]).mean() < 3 / 255
+        assert np.array_equal(s.affine, orig.affine)
+
+
+def test_zarr_export_without_masks(tmp_path):
+    "`masks=False` with OME-Zarr: stores without `labels`, manifest entries without `mask`, still a valid manifest."
+    p = _export(tmp_path / "z", modality="nissl", masks=False)
+    stores = sorted((tmp_path / "z").rglob("*.ome.zarr"))
+    assert len(stores) == 6 and not any((q / "labels").exists() for q in stores)
+    assert validate_manifest(p, deep=False) == []
+    assert all(e.mask is None for e in load_manifest(p).entries)
+
+
+def test_to_uint8_inverts_the_readers():
+    "`_to_uint8` is the inverse of how readers turn 8-bit images into values (PLI direction: steps of 180/256 deg)."
+    u = np.random.default_rng(0).integers(0, 256, size=(3, 40, 50)).astype(np.uint8)
+    for mod, c in (("nissl", 1), ("pli", 3)):
+        assert np.array_equal(_to_uint8(_to_float(u[:c], mod), mod), u[:c])
+    assert _to_uint8(np.array([[[0.0]], [[1.0]], [[180.0]]], np.float32), "pli").ravel().tolist() == [0, 255, 0]
+    with pytest.raises(DataError, match="cannot hold") as e:
+        _to_uint8(np.full((1, 2, 2), 1.5, np.float32), "nissl")
+    assert e.value.field == "compression"
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"rotation_deg": float("nan")}, "--rotation-deg"), ({"rotation_deg": "left"}, "--rotation-deg"),
+    ({"flip": "yes"}, "--flip"), ({"tilt_deg": (3.0,)}, "--tilt-deg"), ({"tilt_deg": (1.0, 2.0, 3.0)}, "--tilt-deg"),
+    ({"tilt_deg": (MAX_TILT_DEG + 1, 0.0)}, "--tilt-deg"), ({"tilt_deg": (0.0, float("inf"))}, "--tilt-deg"),
+    ({"compression": "png"}, "--compression"), ({"compression": "jpeg", "format": "zarr"}, "--compression"),
+    ({"positions": [1.0, float("nan")]}, "--positions"), ({"positions": []}, "--positions"),
+    ({"no_mask": "no"}, "--no-mask")])
+def test_export_refuses_bad_section_options(tmp_path, kw, field):
+    "A bad rotation, tilt, flip, compression, position or mask option is a DataError naming it, before any file."
+    kw = {"format": "tiff", **kw}
+    with pytest.raises(DataError) as e:
+        export_phantom_cli(out=tmp_path / "o", **kw)
+    assert e.value.field == field
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- sections as a lab receives them (the real phantom)
+@pytest.mark.skipif(not HAS_PHANTOM, reason="cytoclr.phantom not written yet")
+def test_phantom_cut_export_keeps_the_true_affine(tmp_path, ref, capsys):
+    """A rotated, mirrored, tilted export without masks: its manifest holds the affine `PhantomBrain.section` gives
+    with the same arguments (ground truth), the pixels are the procedural ones, and the manifest checks clean."""
+    from cytoclr.phantom import PhantomBrain
+    p = export_phantom(tmp_path / "cut", brains=1, sections=1, spacing_um=1000.0, modality="pli", seed=2, chunk=64,
+                       progress=False, ref=ref, format="tiff", masks=False, **CUT)
+    disk = load_manifest(p)
+    (e,), (s,) = disk.entries, disk.sections
+    y = disk.data["sections"][0]["provenance"]["phantom"]["y_mm"]
+    brain = PhantomBrain(seed=2, ref=ref)
+    want = brain.section(index=0, y_mm=y, spacing_um=1000.0, modality="pli", **CUT)
+    assert want.tilt_deg == CUT["tilt_deg"] and np.array_equal(s.affine, np.asarray(want.affine, float))
+    plain = brain.section(index=0, y_mm=y, spacing_um=1000.0, modality="pli")
+    assert np.abs(s.affine - plain.affine).max() > 0.1  # really another cut than the default one
+    pairs = round_trip_pairs(disk, spacing_um=1000.0)  # recreates the cut from the provenance
+    assert round_trip_differences(pairs) == {e.id: 0.0}
+    assert not list((tmp_path / "cut").rglob("*_mask.tif")) and s.cortex_mask(2).any()  # mask from the reference
+    assert check_manifest_cli(str(p)) == 0
+
+
+@pytest.mark.skipif(not HAS_PHANTOM, reason="cytoclr.phantom not written yet")
+@pytest.mark.parametrize("modality", ["nissl", "pli"])
+def test_phantom_jpeg_round_trip_error(tmp_path, ref, modality):
+    """JPEG tiles of a rendered phantom section (quality JPEG_QUALITY) read back by `open_image`: the error in grey
+    levels (0..255) and, for PLI direction, in degrees (circular), below bounds measured on larger sections."""
+    import tifffile
+    from cytoclr.phantom import PhantomBrain
+    sec = PhantomBrain(seed=3, ref=ref).section(index=0, y_mm=-20.0, spacing_um=64.0, modality=modality,
+                                                region_mm=((-12.0, 12.0), (20.0, 44.0)), **CUT)
+    path, mask = write_section_tiff(sec, tmp_path / "s.tif", chunk=128, compression="jpeg", mask=False)
+    assert mask is None and tifffile.TiffFile(path).pages[0].compression == tifffile.COMPRESSION.JPEG
+    H, W = sec.shape
+    want = np.asarray(sec.read(slice(0, H), slice(0, W)), np.float32)
+    raw = open_image(path).read(slice(0, H), slice(0, W))
+    grey = np.abs(raw.astype(float) - _to_uint8(want, modality))
+    print(f"{modality} {H}x{W}: JPEG error in grey levels per channel, mean {grey.mean((1, 2)).round(2)}, "
+          f"max {grey.max((1, 2))}")
+    assert (grey.mean((1, 2)) < 4.0).all() and grey.max() <= 40  # measured at 128 um: mean 2.7-2.9, max 18-20
+    if modality == "pli":
+        d = np.abs((_to_float(raw, "pli")[2] - want[2] + 90) % 180 - 90)[want[1] > 0.05]  # where there are fibres
+        print(f"direction error: mean {d.mean():.2f}, max {d.max():.1f} degrees")
+        assert d.mean() < 3.0 and d.max() < 30  # measured at 128 um: mean 1.8, max 13.9 degrees
