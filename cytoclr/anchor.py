@@ -13,21 +13,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from .alignment import affine_residuals, place_section, plane_angle_deg, point_error_mm
+from .alignment import Placement, affine_residuals, place_section, plane_angle_deg, point_error_mm
 from .anchoring import Frame, encoder_space
 from .core import (DataError, MetricKeys as K, atomic_path, check_number, path_fingerprint,
-                          progress as progress_bar, save_figure, write_json_atomic)
+                          progress as progress_bar, read_json, save_figure, write_json_atomic)
 from .models import embed
 from .reference import load_reference
 from .sampling import extract_patch, mask_grid
-from .readers import open_image
+from .readers import Resampled, nearest_spacing, open_image, recorded_spacing
+from .section_inference import CortexHead, decide, place_image
 from .sections import ImageMask, ImageSection, TissueMask
 from .training import TrainConfig, build_model, load_checkpoint
 
 # %% auto #0
-__all__ = ['ANCHOR_DEMO', 'encoder_from_checkpoint', 'concat_frames', 'open_unregistered', 'patch_centres', 'placement_summary',
-           'manifest_entry', 'write_placement', 'anchor_images', 'series_consistency', 'run_inputs', 'anchor_cli',
-           'errors_on_grid']
+__all__ = ['ESTIMATORS', 'ANCHOR_DEMO', 'encoder_from_checkpoint', 'concat_frames', 'open_unregistered', 'to_source_pixels',
+           'patch_centres', 'placement_summary', 'manifest_entry', 'write_placement', 'anchor_images',
+           'series_consistency', 'run_inputs', 'anchor_cli', 'errors_on_grid']
 
 # %% ../nbs/10a_anchor.ipynb #e3d1809a
 def encoder_from_checkpoint(path, device="cpu"):
@@ -56,11 +57,30 @@ def concat_frames(frames: list):
                  meta={"parts": [f.meta for f in frames]})
 
 # %% ../nbs/10a_anchor.ipynb #79b79eee
-def open_unregistered(path, modality: str, spacing_um: float, mask=None):
-    "An `ImageSection` of an image file without a transform; its mask from a mask image, else a tissue threshold."
+def open_unregistered(path, modality: str, spacing_um: float, mask=None, target_um=None, patch_px: int = 1):
+    """An `ImageSection` of an image file without a transform; its mask from a mask image (same pixel grid), else a
+    tissue threshold. With `target_um` (the pixel size the encoder was trained at) the image and its mask are
+    presented at that pixel size, window by window (`Resampled`; a `DataError` when that would enlarge more than
+    2x). Returns (section, the `Resampled` reader or None)."""
     img = open_image(path)
-    m = ImageMask(open_image(mask), field="--mask") if mask else TissueMask(img, modality)
-    return ImageSection(img, modality, float(spacing_um), None, mask=m, id=Path(path).name)
+    rs = None
+    if target_um is not None and abs(float(target_um) / float(spacing_um) - 1) > 1e-6:
+        img = rs = Resampled(img, float(spacing_um), float(target_um), min_px=patch_px)
+    mreader = None if not mask else open_image(mask)
+    if mreader is not None and rs is not None:
+        mreader = Resampled(mreader, float(spacing_um), float(target_um))
+    m = ImageMask(mreader, field="--mask") if mreader is not None else TissueMask(img, modality)
+    return ImageSection(img, modality, float(target_um or spacing_um), None, mask=m, id=Path(path).name), rs
+
+
+def to_source_pixels(A, rs) -> np.ndarray:
+    "An affine (3, 3) of the resampled image's pixels as an affine of the source image's pixels (exact: both linear)."
+    if rs is None:
+        return np.asarray(A, np.float64)
+    src = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
+    H = np.column_stack([src, np.ones(3)])  # (3, 3) source pixels
+    xyz = rs.from_source(src) @ np.asarray(A)[:, :2].T + np.asarray(A)[:, 2]  # where A puts them
+    return np.linalg.solve(H, xyz).T
 
 
 def patch_centres(sec, grid_mm: float, max_patches: int, min_inliers: int, path=None) -> np.ndarray:
@@ -145,11 +165,46 @@ def _check_encoder(encoder, frame, modality: str, method: str):
     frame.check_space(encoder_space(encoder, modality, method or frame.space.get("method", "")), "this checkpoint")
 
 
+def _place_one(sec, path, encoder, frame, estimator, head, grid_mm, threshold_mm, min_inliers, max_patches, k,
+               patch_px, seed, progress):
+    "(Placement, patch centres (n, 2), extra summary) of one opened image, by either estimator."
+    if estimator == "sections":  # chapter 10b: the top-k candidates of all patches, the cortex head
+        placed = place_image(sec, encoder, frame, head, grid_mm, k, patch_px, min_patches=min_inliers, seed=seed)
+        why = decide(placed.pose, min_support=min_inliers)
+        if why:
+            raise DataError(f"cannot place this section: {why}", file=path, field="image")
+        sim = np.einsum("nd,nd->n", placed.features, frame.features[placed.anchors])
+        pose = placed.pose
+        pl = Placement(A=pose.A, inliers=pose.inliers, matches=placed.anchors, similarity=sim,
+                       indices=placed.anchors[:, None], history=[{"support": pose.support, "rounds": 1}])
+        return pl, placed.rc[placed.kept], {"estimator": estimator, "confidence": pose.confidence,
+                                            "null_support": pose.null_support, "scale": pose.scale,
+                                            "cortex_patches": int(placed.kept.sum()), "seconds": placed.seconds}
+    rc = patch_centres(sec, grid_mm, max_patches, min_inliers, path)
+    patches = np.stack([extract_patch(sec, p, patch_px) for p in
+                        progress_bar(rc, desc=f"patches of {Path(path).name}", disable=not progress)])
+    feats = embed(encoder, patches, batch=256)
+    try:
+        pl = place_section(rc, feats, frame.features, frame.xyz, threshold_mm, spacing_um=sec.spacing_um,
+                           min_inliers=min_inliers, seed=seed)
+    except DataError as e:
+        raise DataError(f"cannot place this section: {e.message}", file=path, field=e.field) from None
+    return pl, rc, {"estimator": estimator}
+
+
+ESTIMATORS = ("sections", "ransac")  # chapter 10b's section-level inference; chapter 10's top-1 RANSAC
+
+
 def anchor_images(images: list, modality: str, spacing_um: float, encoder, frame, out, masks=None, method: str = "",
                   grid_mm: float = 1.0, threshold_mm: float = 5.0, min_inliers: int = 20, max_patches: int = 4000,
-                  seed: int = 0, progress: bool = True, ref=None) -> dict:
+                  seed: int = 0, progress: bool = True, ref=None, estimator: str = "sections", head=None,
+                  k: int = 20, train_spacing=None) -> dict:
     """Place unregistered images of `modality` (pixel size `spacing_um`) with `encoder` and its `frame` (chapter 9);
-    write the outputs described above into `out`. Returns {"sections": [summary per image], "series": check}."""
+    write the outputs described above into `out`. `estimator`: "sections" (chapter 10b, with the cortex `head` when
+    given) or "ransac" (chapter 10). `train_spacing`: the pixel sizes the encoder was trained at (default: what the
+    frame records); images are resampled to the nearest. Returns {"sections": [summary per image], "series": check}."""
+    if estimator not in ESTIMATORS:
+        raise DataError(f"unknown estimator '{estimator}': expected one of {list(ESTIMATORS)}", field="--estimator")
     spacing_um = check_number(spacing_um, "--spacing-um", positive=True)
     grid_mm = check_number(grid_mm, "--grid-mm", positive=True)
     threshold_mm = check_number(threshold_mm, "--threshold-mm", positive=True)
@@ -161,22 +216,21 @@ def anchor_images(images: list, modality: str, spacing_um: float, encoder, frame
     if len(masks) != len(images):
         raise DataError(f"{len(masks)} masks for {len(images)} images", field="--mask")
     patch_px = int(frame.meta.get("patch_px") or (frame.meta.get("parts") or [{}])[0].get("patch_px") or 64)
+    recorded = train_spacing if train_spacing is not None else recorded_spacing(frame.meta)
+    target = None if not recorded else nearest_spacing(recorded, spacing_um)
     results = []
     for path, mask in zip(images, masks):
-        sec = open_unregistered(path, modality, spacing_um, mask)
-        rc = patch_centres(sec, grid_mm, max_patches, min_inliers, path)
-        patches = np.stack([extract_patch(sec, p, patch_px) for p in
-                            progress_bar(rc, desc=f"patches of {Path(path).name}", disable=not progress)])
-        feats = embed(encoder, patches, batch=256)
-        try:
-            pl = place_section(rc, feats, frame.features, frame.xyz, threshold_mm, spacing_um=spacing_um,
-                               min_inliers=min_inliers, seed=seed)
-        except DataError as e:
-            raise DataError(f"cannot place this section: {e.message}", file=path, field=e.field) from None
-        summary = placement_summary(path, pl, rc, frame.xyz, sec.shape)
+        sec, rs = open_unregistered(path, modality, spacing_um, mask, target, patch_px)
+        pl, rc, extra = _place_one(sec, path, encoder, frame, estimator, head, grid_mm, threshold_mm, min_inliers,
+                                   max_patches, k, patch_px, seed, progress)
+        shape = rs.source.shape if rs is not None else sec.shape
+        if rs is not None:  # report everything in the image's own pixels
+            pl.A, rc = to_source_pixels(pl.A, rs), rs.to_source(rc)
+        summary = {**placement_summary(path, pl, rc, frame.xyz, shape), **extra,
+                   "resampled_to_um": None if rs is None else float(target)}
         write_placement(Path(out) / Path(path).name.split(".")[0], summary,
                         manifest_entry(path, summary, modality, spacing_um, mask), rc, frame.xyz[pl.matches], pl,
-                        ref, sec.shape)
+                        ref, shape)
         results.append(summary)
     return {"sections": results, "series": series_consistency(results)}
 
@@ -209,7 +263,8 @@ def run_inputs(run, modality: str, method: str) -> tuple[Path, list]:
 
 def anchor_cli(*, images: list, modality: str, spacing_um: float, out, run=None, method: str = "geodesic",
                checkpoint=None, frame=None, mask=None, grid_mm: float = 1.0, threshold_mm: float = 5.0,
-               min_inliers: int = 20, no_progress: bool = False) -> int:
+               min_inliers: int = 20, no_progress: bool = False, estimator: str = "sections", cortex_head=None,
+               k: int = 20) -> int:
     """`cytoclr anchor`: place unregistered images; exit 0 when every image is placed and the series is consistent.
     The keywords are the command's options (`--spacing-um` is `spacing_um`, `--frame` a list of folders)."""
     if run:
@@ -220,10 +275,22 @@ def anchor_cli(*, images: list, modality: str, spacing_um: float, out, run=None,
         ckpt, frames = Path(checkpoint), [Path(f) for f in frame]
     encoder, cfg = encoder_from_checkpoint(ckpt)
     ref_frame = concat_frames([Frame.load(f) for f in frames])
+    if cortex_head is None and run:  # chapter 10b writes it next to the frames
+        found = Path(run) / "anchoring" / "cortex_head" / modality / method / "head.json"
+        cortex_head = found if found.is_file() else None
+    head = None
+    if cortex_head is not None:
+        info = read_json(cortex_head, None)
+        if info is None:
+            raise DataError("no cortex head here (head.json, written by chapter 10b)", file=cortex_head,
+                            field="--cortex-head")
+        head = CortexHead.from_dict(info, file=cortex_head)
     res = anchor_images(images, modality, spacing_um, encoder, ref_frame, out, masks=mask, method=cfg.method,
-                        grid_mm=grid_mm, threshold_mm=threshold_mm, min_inliers=min_inliers, progress=not no_progress)
+                        grid_mm=grid_mm, threshold_mm=threshold_mm, min_inliers=min_inliers, progress=not no_progress,
+                        estimator=estimator, head=head, k=k)
     for s in res["sections"]:
-        print(f"{s['image']}: placed; {s['inliers']} of {s['patches']} patches are inliers ({s['inlier_share']:.0%}), "
+        how = f", confidence {s['confidence']:.1f}" if "confidence" in s else ""
+        print(f"{s['image']}: placed; {s['estimator']}{how}: {s['inliers']} of {s['patches']} patches are inliers ({s['inlier_share']:.0%}), "
               f"median residual {s['median_residual_mm']:.1f} mm; outputs in {Path(out) / Path(s['image']).name.split('.')[0]}")
     print(f"series: {res['series']['message']}")
     return 0 if res["series"]["consistent"] else 1

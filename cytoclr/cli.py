@@ -116,6 +116,12 @@ def _add_anchor(sub):
     a.add_argument("--grid-mm", type=float, default=1.0, help="spacing of the patch grid over the mask (default 1 mm)")
     a.add_argument("--threshold-mm", type=float, default=5.0, help="inlier threshold of the affine fit (default 5 mm)")
     a.add_argument("--min-inliers", type=int, default=20, help="fewer inliers than this: refuse the placement (default 20)")
+    a.add_argument("--estimator", choices=["sections", "ransac"], default="sections",
+                   help="sections (default): the top-k candidates of all patches and the cortex head (chapter 10b); "
+                        "ransac: each patch's first anchor and an affine RANSAC (chapter 10)")
+    a.add_argument("--cortex-head", metavar="FILE",
+                   help="the cortex head (head.json of chapter 10b); with --run, the run's own is used when present")
+    a.add_argument("--k", type=int, default=20, help="candidates per patch for --estimator sections (default 20)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -189,7 +195,8 @@ def _dispatch(args) -> int:
         return anchor_cli(images=args.images, modality=args.modality, spacing_um=args.spacing_um, out=args.out,
                           run=args.run, method=args.method, checkpoint=args.checkpoint, frame=args.frame,
                           mask=args.mask, grid_mm=args.grid_mm, threshold_mm=args.threshold_mm,
-                          min_inliers=args.min_inliers, no_progress=args.no_progress)
+                          min_inliers=args.min_inliers, no_progress=args.no_progress,
+                          estimator=args.estimator, cortex_head=args.cortex_head, k=args.k)
     elif args.command == "clean":
         a = args.all
         return clean(cache=a or args.cache, runs=a or args.runs, build=a or args.build)

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from matplotlib.path import Path as MplPath
 from scipy.ndimage import binary_erosion
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from .core import DataError, check_number
 from .readers import ImageReader, _span
@@ -169,6 +169,18 @@ class ReferenceMask:
         return ref.locate(xyz).inside.reshape(h, w)
 
 
+def _glass_threshold(img: np.ndarray, modality: str) -> float:
+    """The grey level between tissue and empty glass. Nissl: Otsu's threshold (cortex and white matter are both
+    darker than glass). PLI: the upper of a three-class Otsu, because its transmittance has three classes (white
+    matter darkest, grey matter in between, glass brightest) and a two-class threshold falls between white and
+    grey matter, leaving the cortex out (measured: 1-3% of the cortex kept instead of 98%)."""
+    if np.ptp(img) <= 0:
+        return np.inf
+    if modality == "pli" and len(np.unique(img[::7, ::7])) > 3:
+        return float(threshold_multiotsu(img, classes=3)[1])
+    return float(threshold_otsu(img))
+
+
 class TissueMask:
     """Where the tissue is, for a section with neither a mask nor a transform: a threshold between tissue and glass
     (Otsu's, on a coarse pyramid level of the intensity or PLI transmittance), optionally eroded by `margin_px`."""
@@ -184,7 +196,7 @@ class TissueMask:
             h, w = self.reader.levels[lv]
             step = max(1, math.ceil(max(h, w) / self.max_side))  # subsample a large level to about max_side
             img = _to_float(self.reader.read(slice(0, h), slice(0, w), lv), self.modality)[0, ::step, ::step]
-            t = threshold_otsu(img) if np.ptp(img) > 0 else np.inf
+            t = _glass_threshold(img, self.modality)
             tissue = img < t  # tissue is darker (Nissl) or less transmitting (PLI) than empty glass
             if self.margin_px:
                 tissue = binary_erosion(tissue, iterations=max(1, self.margin_px // (step * 2 ** lv or 1)))

@@ -133,3 +133,51 @@ def test_anchor_cli_takes_keywords_and_refuses_without_inputs(tmp_path):
         anchor_cli(images=["a.tif"], modality="nissl", spacing_um=20.0, out=tmp_path, run=tmp_path)
     with pytest.raises(TypeError):
         anchor_cli(["a.tif"], "nissl", 20.0, tmp_path)  # keywords only
+
+
+def test_anchor_ransac_estimator_is_still_available(exported):
+    d = exported["d"]
+    r = _cli(exported["image"], "--modality", "nissl", "--spacing-um", 256, "--checkpoint",
+             d / "run_nissl_0" / "checkpoints" / "nissl" / "random", "--frame", d / "frame", "--mask", exported["mask"],
+             "--out", d / "out_ransac", "--grid-mm", 2, "--min-inliers", 6, "--no-progress", "--estimator", "ransac")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "placed; ransac" in r.stdout
+
+
+def test_anchor_places_a_jpeg_export_without_mask_at_another_pixel_size(exported, tmp_path):
+    """No mask, JPEG tiles, 128 um/px while the frame records 256 um: the image is resampled to the frame's pixel size,
+    placed by the section-level estimator, and the affine is reported for the image's own pixels."""
+    import json
+    from cytoclr.anchoring import Frame
+    from cytoclr.export import export_phantom
+    from cytoclr.manifest import load_manifest
+    d = exported["d"]
+    fr = Frame.load(d / "frame")
+    fr.meta["spacing_um"] = 256.0
+    fr.save(tmp_path / "frame")
+    man_path = export_phantom(tmp_path / "export", brains=1, sections=1, spacing_um=128.0, modality="nissl",
+                              format="tiff", positions=[-18.0], progress=False, compression="jpeg", masks=False)
+    e = load_manifest(man_path).entries[0]
+    r = _cli(e.path, "--modality", "nissl", "--spacing-um", 128, "--checkpoint",
+             d / "run_nissl_0" / "checkpoints" / "nissl" / "random", "--frame", tmp_path / "frame",
+             "--out", tmp_path / "out", "--grid-mm", 2, "--min-inliers", 6, "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads((tmp_path / "out" / "nissl_000" / "affine.json").read_text())
+    A = np.array(info["affine"])
+    assert info["resampled_to_um"] == 256.0 and info["estimator"] == "sections"
+    assert plane_angle_deg(A, e.affine) < 2.0
+    assert np.median(point_error_mm(A, e.affine, np.array([[0, 0], [600, 800], [1200, 200]]))) < 2.0
+
+
+def test_to_source_pixels_is_exact():
+    from cytoclr.anchor import to_source_pixels
+
+    class Half:  # a reader at twice the pixel size: centres coincide, (r + 0.5) / 2 - 0.5
+        def from_source(self, rc):
+            return (np.asarray(rc, float) + 0.5) / 2 - 0.5
+
+    A = np.array([[0.0, 0.1, 5.0], [0.0, 0.0, -20.0], [-0.1, 0.0, 30.0]])
+    As = to_source_pixels(A, Half())
+    rc = np.array([[10.0, 20.0], [333.0, 7.0]])
+    assert np.allclose(rc @ As[:, :2].T + As[:, 2], Half().from_source(rc) @ A[:, :2].T + A[:, 2])
+    assert np.array_equal(to_source_pixels(A, None), A)

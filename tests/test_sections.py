@@ -113,3 +113,17 @@ def test_polygon_and_image_masks():
     assert np.array_equal(up, m[::4, ::4][r // 4, c // 4])
 
 
+
+
+def test_pli_tissue_mask_keeps_the_cortex(tmp_path):
+    "PLI transmittance has three classes (white matter, grey matter, glass): the mask must keep grey matter too."
+    from cytoclr.export import write_section_tiff
+    from cytoclr.phantom import PhantomBrain
+    from cytoclr.readers import open_image
+    from cytoclr.sections import TissueMask
+    sec = PhantomBrain(0).section(y_mm=-20.0, spacing_um=256.0, modality="pli")
+    img, _ = write_section_tiff(sec, tmp_path / "pli.tif", mask=False)
+    tissue = TissueMask(open_image(img), "pli")(sec.shape, 0)
+    cortex = sec.cortex_mask(0)
+    assert tissue[cortex].mean() > 0.9  # a two-class threshold keeps about 2% of it
+    assert tissue.mean() < 0.6  # and glass stays out
