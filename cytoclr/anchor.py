@@ -175,7 +175,7 @@ def _place_one(sec, path, encoder, frame, estimator, head, grid_mm, threshold_mm
             raise DataError(f"cannot place this section: {why}", file=path, field="image")
         sim = np.einsum("nd,nd->n", placed.features, frame.features[placed.anchors])
         pose = placed.pose
-        pl = Placement(A=pose.A, inliers=pose.inliers, matches=placed.anchors, similarity=sim,
+        pl = Placement(A=placed.A, inliers=pose.inliers, matches=placed.anchors, similarity=sim,
                        indices=placed.anchors[:, None], history=[{"support": pose.support, "rounds": 1}])
         return pl, placed.rc[placed.kept], {"estimator": estimator, "confidence": pose.confidence,
                                             "null_support": pose.null_support, "scale": pose.scale,

@@ -25,9 +25,10 @@ from .sampling import mask_grid, sampling_level, section_background
 
 # %% auto #0
 __all__ = ['PLACEMENT', 'fit_similarity', 'pose_affine', 'SectionPose', 'consistent_triples', 'score_poses', 'refine_pose',
-           'place_by_candidates', 'candidates', 'reanchor', 'patch_statistics', 'CortexHead', 'grid_patches',
-           'image_grid', 'mask_at', 'embedded_grid', 'fit_cortex_head', 'detection_scores', 'PlacedImage',
-           'place_image', 'placement_errors', 'evaluate_placement', 'decide', 'place_cases', 'placement_metrics']
+           'place_by_candidates', 'candidates', 'reanchor', 'refine_by_reanchoring', 'patch_statistics', 'CortexHead',
+           'grid_patches', 'image_grid', 'mask_at', 'embedded_grid', 'fit_cortex_head', 'detection_scores',
+           'PlacedImage', 'place_image', 'placement_errors', 'evaluate_placement', 'decide', 'place_cases',
+           'placement_metrics']
 
 # %% ../nbs/10b_section_inference.ipynb #773c2392
 def fit_similarity(P, Q, w=None):
@@ -89,21 +90,29 @@ def _draw(ok, rng):
     return np.where(key[np.arange(len(ok)), j] >= 0, j, -1)
 
 
+def _distances(a, b_idx):
+    "Distances (b, m) float32 of every row of a (m, d) to the rows a[b_idx]: one product, no (b, m, d) temporary."
+    a = np.asarray(a, np.float32)
+    d2 = np.zeros((len(b_idx), len(a)), np.float32)
+    for j in range(a.shape[1]):  # 2 or 3 coordinates: broadcast differences, exact and faster than a thin product
+        d2 += (a[None, :, j] - a[b_idx, j][:, None]) ** 2
+    return np.sqrt(d2)
+
+
 def consistent_triples(p, q, b: int, rng, smin=0.8, smax=1.25, eps_mm=3.0, min_side_mm=8.0):
     """b minimal samples (b', 3) of correspondences, each triple pairwise consistent: section points p (m, 2) and
     reference points q (m, 3); a first correspondence at random, a second among those consistent with it, a third
     among those consistent with both and off their line (TEASER++'s pairwise invariants, sampled instead of a
     maximum clique). Rows without a consistent partner are dropped."""
     c1 = rng.integers(0, len(p), b)
-    ok1 = _pair_ok(np.linalg.norm(p[None] - p[c1][:, None], axis=2), np.linalg.norm(q[None] - q[c1][:, None], axis=2),
-                   smin, smax, eps_mm, min_side_mm)  # (b, m)
+    ok1 = _pair_ok(_distances(p, c1), _distances(q, c1), smin, smax, eps_mm, min_side_mm)  # (b, m)
     c2 = _draw(ok1, rng)
     keep = c2 >= 0
     c1, c2, ok1 = c1[keep], c2[keep], ok1[keep]
-    ok2 = ok1 & _pair_ok(np.linalg.norm(p[None] - p[c2][:, None], axis=2),
-                         np.linalg.norm(q[None] - q[c2][:, None], axis=2), smin, smax, eps_mm, min_side_mm)
-    u, v = p[c2] - p[c1], p[None] - p[c1][:, None]  # (b, 2), (b, m, 2)
-    ok2 &= np.abs(u[:, None, 0] * v[..., 1] - u[:, None, 1] * v[..., 0]) >= min_side_mm ** 2 / 2  # area >= side^2 / 4
+    ok2 = ok1 & _pair_ok(_distances(p, c2), _distances(q, c2), smin, smax, eps_mm, min_side_mm)
+    u = (p[c2] - p[c1]).astype(np.float32)  # (b, 2)
+    cross = (p[:, 1][None] * u[:, :1] - p[:, 0][None] * u[:, 1:]) - (p[c1, 1] * u[:, 0] - p[c1, 0] * u[:, 1])[:, None]
+    ok2 &= np.abs(cross) >= min_side_mm ** 2 / 2  # twice the triangle's area >= side^2 / 2: off the line
     c3 = _draw(ok2, rng)
     keep = c3 >= 0
     return np.stack([c1[keep], c2[keep], c3[keep]], 1)
@@ -111,8 +120,11 @@ def consistent_triples(p, q, b: int, rng, smin=0.8, smax=1.25, eps_mm=3.0, min_s
 
 def score_poses(s, R, t, P3, Q, tau_mm: float) -> np.ndarray:
     "Support (b,) of poses: patches P3 (n, 3) with any candidate Q (n, k, 3) within tau_mm of s R p + t."
-    X = s[:, None, None] * np.einsum("bij,nj->bni", R, P3) + t[:, None]  # (b, n, 3)
-    d2 = ((X[:, :, None] - Q[None]) ** 2).sum(3)  # (b, n, k)
+    X = (s[:, None, None] * np.einsum("bij,nj->bni", R, P3) + t[:, None]).astype(np.float32)  # (b, n, 3)
+    Qf = np.asarray(Q, np.float32)
+    d2 = np.zeros((len(X), len(Qf), Qf.shape[1]), np.float32)  # (b, n, k)
+    for j in range(3):
+        d2 += (X[:, :, None, j] - Qf[None, :, :, j]) ** 2
     return (d2 < tau_mm ** 2).any(2).sum(1)
 
 
@@ -227,6 +239,27 @@ def reanchor(A, uv, query_feats, frame_feats, frame_xyz, radius_mm: float = 8.0,
     _, nearest = tree.query(X[~ok.any(1)])
     best[~ok.any(1)] = nearest
     return best
+
+
+def refine_by_reanchoring(A, uv, spacing_um: float, query_feats, frame_feats, frame_xyz, radii=(8.0, 6.0, 5.0),
+                          c_mm: float = 6.0, shrinkage=(0.8, 1.25)):
+    """Alternate `reanchor` (windows of `radii` mm, narrowing) and a Tukey-weighted similarity fit (scale `c_mm`) to
+    those anchors: the fit then uses every frame patch near the plane, not only the top-k. -> (A (3, 3), anchors)."""
+    uv = np.asarray(uv, np.float64)
+    sp = check_number(spacing_um, "spacing_um", positive=True) / 1000
+    P3 = np.column_stack([uv * sp, np.zeros(len(uv))])
+    fx = np.asarray(frame_xyz, np.float64)
+    tree = cKDTree(fx)
+    anchors = None
+    for rad in radii:
+        anchors = reanchor(A, uv, query_feats, frame_feats, fx, radius_mm=rad, tree=tree)
+        r = np.linalg.norm(fx[anchors] - (uv @ np.asarray(A)[:, :2].T + np.asarray(A)[:, 2]), axis=1)
+        w = np.where(r < c_mm, (1 - (r / c_mm) ** 2) ** 2, 0.0)
+        if (w > 0).sum() < 3:
+            break
+        s, R, t = fit_similarity(P3[None], fx[anchors][None], w[None])
+        A = pose_affine(float(np.clip(s[0], *shrinkage)), R[0], t[0], sp)
+    return A, reanchor(A, uv, query_feats, frame_feats, fx, radius_mm=radii[-1], tree=tree)
 
 # %% ../nbs/10b_section_inference.ipynb #b73e19c3
 def patch_statistics(patches) -> np.ndarray:
@@ -359,7 +392,8 @@ def detection_scores(is_cortex_pred, is_cortex_true) -> dict:
 @dataclass
 class PlacedImage:
     "An image placed by `place_image`: the pose, and the patches it used."
-    pose: SectionPose
+    pose: SectionPose  # what the candidates gave
+    A: np.ndarray  # (3, 3) the final affine, after `refine_by_reanchoring`
     rc: np.ndarray  # (n, 2) every grid patch centre on the tissue
     kept: np.ndarray  # (n,) bool: judged cortex by the head (all True without one)
     anchors: np.ndarray  # (m,) frame index of each kept patch's anchor after placement (`reanchor`)
@@ -371,7 +405,7 @@ def place_image(section, encoder, frame, head: CortexHead | None = None, grid_mm
                 patch_px: int = 64, min_patches: int = 20, device="cpu", seed: int = 0, **search) -> PlacedImage:
     """Place one section (`Section`, e.g. an `ImageSection` without a transform, its mask a tissue threshold) in a
     `frame` (chapter 9) with the frame's `encoder`: grid patches on the tissue, the cortex ones (`head`), their k
-    most similar frame patches, `place_by_candidates`, then `reanchor`. `search`: options of `place_by_candidates`."""
+    most similar frame patches, `place_by_candidates`, then `refine_by_reanchoring`. `search`: options of `place_by_candidates`."""
     t = {"start": time.perf_counter()}
     rc, patches, feats, best = embedded_grid(section, encoder, frame.features, grid_mm, patch_px, device)
     t["embed"] = time.perf_counter()
@@ -383,10 +417,10 @@ def place_image(section, encoder, frame, head: CortexHead | None = None, grid_mm
     idx, cand, sim = candidates(feats[kept], frame.features, frame.xyz, k)
     pose = place_by_candidates(rc[kept], section.spacing_um, cand, sim, seed=seed, **search)
     t["place"] = time.perf_counter()
-    anchors = reanchor(pose.A, rc[kept], feats[kept], frame.features, frame.xyz)
+    A, anchors = refine_by_reanchoring(pose.A, rc[kept], section.spacing_um, feats[kept], frame.features, frame.xyz)
     t["reanchor"] = time.perf_counter()
     steps = list(t)
-    return PlacedImage(pose, rc, kept, anchors, feats[kept], {b: t[b] - t[a] for a, b in zip(steps, steps[1:])})
+    return PlacedImage(pose, A, rc, kept, anchors, feats[kept], {b: t[b] - t[a] for a, b in zip(steps, steps[1:])})
 
 # %% ../nbs/10b_section_inference.ipynb #c7996466
 PLACEMENT = K.PLACEMENT  # this chapter's key in metrics.json
@@ -418,7 +452,8 @@ def evaluate_placement(truth_section, placed: PlacedImage, frame) -> dict:
             "confidence": placed.pose.confidence, "scale": placed.pose.scale, "patches": int(len(placed.rc)),
             "kept": int(placed.kept.sum()), "seconds": placed.seconds,
             "detection": detection_scores(placed.kept, mask_at(truth_section, placed.rc)),
-            "estimator": placement_errors(placed.pose.A, rc, A_true, xyz_true),
+            "candidates_only": placement_errors(placed.pose.A, rc, A_true, xyz_true),
+            "estimator": placement_errors(placed.A, rc, A_true, xyz_true),
             "oracle": placement_errors(oracle, rc, A_true, xyz_true), "top1_ransac": old}
 
 # %% ../nbs/10b_section_inference.ipynb #ec5c65a4
@@ -473,11 +508,11 @@ def placement_metrics(records: list, frame_brain: str, unseen: list) -> dict:
     for mod, kinds in out.items():
         for kind, recs in kinds.items():
             truth = "homologous" if kind == "unseen_brain" else "registered"
-            med = lambda key, q: float(np.median([x[key][truth][q] for x in recs if truth in x[key]])) if any(
-                truth in x[key] for x in recs) else None  # over the cases that reached a fit
+            med = lambda key, q: float(np.median([x[key][truth][q] for x in recs if truth in x.get(key, {})])) if any(
+                truth in x.get(key, {}) for x in recs) else None  # over the cases that reached a fit
             summary.setdefault(mod, {})[kind] = {
                 "truth": truth, "cases": len(recs), "placed": sum(r["refused"] is None for r in recs),
-                **{f"{who}_{q}": med(who, q) for who in ("estimator", "oracle", "top1_ransac")
+                **{f"{who}_{q}": med(who, q) for who in ("estimator", "candidates_only", "oracle", "top1_ransac")
                    for q in ("plane_angle_deg", "median_point_error_mm")},
                 "per_case": recs}
     return summary
