@@ -25,10 +25,10 @@ from .sampling import mask_grid, sampling_level, section_background
 
 # %% auto #0
 __all__ = ['PLACEMENT', 'fit_similarity', 'pose_affine', 'SectionPose', 'consistent_triples', 'score_poses', 'refine_pose',
-           'place_by_candidates', 'candidates', 'reanchor', 'refine_by_reanchoring', 'patch_statistics', 'CortexHead',
-           'grid_patches', 'image_grid', 'mask_at', 'embedded_grid', 'fit_cortex_head', 'detection_scores',
-           'PlacedImage', 'place_image', 'placement_errors', 'evaluate_placement', 'decide', 'place_cases',
-           'placement_metrics']
+           'place_by_candidates', 'candidates', 'hubness', 'reanchor', 'refine_by_reanchoring', 'patch_statistics',
+           'CortexHead', 'grid_patches', 'image_grid', 'mask_at', 'embedded_grid', 'fit_cortex_head',
+           'detection_scores', 'PlacedImage', 'place_image', 'placement_errors', 'evaluate_placement', 'decide',
+           'place_cases', 'placement_metrics']
 
 # %% ../nbs/10b_section_inference.ipynb #773c2392
 def fit_similarity(P, Q, w=None):
@@ -223,6 +223,18 @@ def candidates(query_feats, frame_feats, frame_xyz, k: int = 20):
     return idx, np.asarray(frame_xyz, np.float64)[idx], sim
 
 
+def hubness(indices, n_frame: int) -> dict:
+    """How much a few frame patches dominate the candidate lists indices (n, k): the skewness of the k-occurrence
+    (how often each frame patch appears; Radovanovic et al. 2010: > 1 means hubs), the share of all slots taken by
+    the 1% most frequent frame patches (1% when there are no hubs), and the largest k-occurrence over its mean."""
+    idx = np.asarray(indices).ravel()
+    occ = np.bincount(idx[idx >= 0], minlength=int(n_frame)).astype(np.float64)  # (n_frame,)
+    sd = occ.std()
+    top = np.sort(occ)[::-1][:max(1, int(np.ceil(0.01 * n_frame)))]
+    return {"skewness": float(((occ - occ.mean()) ** 3).mean() / sd ** 3) if sd > 0 else 0.0,
+            "top1pct_share": float(top.sum() / max(occ.sum(), 1)), "max_over_mean": float(occ.max() / max(occ.mean(), 1e-12))}
+
+
 def reanchor(A, uv, query_feats, frame_feats, frame_xyz, radius_mm: float = 8.0, nn: int = 64, tree=None):
     """Each patch's anchor after placement: the most similar frame patch within `radius_mm` of where A puts it
     (ranking by similarity, not by distance); its nearest frame patch when none is that close. -> (n,) indices."""
@@ -399,6 +411,7 @@ class PlacedImage:
     anchors: np.ndarray  # (m,) frame index of each kept patch's anchor after placement (`reanchor`)
     features: np.ndarray  # (m, D) the kept patches' features
     seconds: dict  # time per step
+    hubness: dict = field(default_factory=dict)  # `hubness` of the candidate lists
 
 
 def place_image(section, encoder, frame, head: CortexHead | None = None, grid_mm: float = 1.0, k: int = 20,
@@ -420,7 +433,8 @@ def place_image(section, encoder, frame, head: CortexHead | None = None, grid_mm
     A, anchors = refine_by_reanchoring(pose.A, rc[kept], section.spacing_um, feats[kept], frame.features, frame.xyz)
     t["reanchor"] = time.perf_counter()
     steps = list(t)
-    return PlacedImage(pose, A, rc, kept, anchors, feats[kept], {b: t[b] - t[a] for a, b in zip(steps, steps[1:])})
+    return PlacedImage(pose, A, rc, kept, anchors, feats[kept], {b: t[b] - t[a] for a, b in zip(steps, steps[1:])},
+                       hubness(idx, len(frame.features)))
 
 # %% ../nbs/10b_section_inference.ipynb #c7996466
 PLACEMENT = K.PLACEMENT  # this chapter's key in metrics.json
@@ -450,7 +464,7 @@ def evaluate_placement(truth_section, placed: PlacedImage, frame) -> dict:
         old = {"refused": e.message}
     return {"support": placed.pose.support, "null_support": placed.pose.null_support,
             "confidence": placed.pose.confidence, "scale": placed.pose.scale, "patches": int(len(placed.rc)),
-            "kept": int(placed.kept.sum()), "seconds": placed.seconds,
+            "kept": int(placed.kept.sum()), "seconds": placed.seconds, "hubness": placed.hubness,
             "detection": detection_scores(placed.kept, mask_at(truth_section, placed.rc)),
             "candidates_only": placement_errors(placed.pose.A, rc, A_true, xyz_true),
             "estimator": placement_errors(placed.A, rc, A_true, xyz_true),

@@ -176,3 +176,14 @@ def test_cortex_head_fits_predicts_and_round_trips():
         head.probability(X[:, :3])
     with pytest.raises(DataError, match="cortex head"):
         CortexHead.from_dict({"coef": [1.0]}, file="head.json")
+
+
+def test_hubness_sees_a_hub():
+    from cytoclr.section_inference import hubness
+    rng = np.random.default_rng(12)
+    even = hubness(rng.permutation(np.tile(np.arange(1000), 5)).reshape(-1, 10), 1000)
+    assert abs(even["skewness"]) < 1e-9 and even["top1pct_share"] == pytest.approx(0.01)
+    lists = rng.integers(0, 1000, (500, 10))
+    lists[:, 0] = 7  # one frame patch is everyone's first candidate
+    hub = hubness(lists, 1000)
+    assert hub["skewness"] > 10 and hub["top1pct_share"] > 0.1 and hub["max_over_mean"] > 50
