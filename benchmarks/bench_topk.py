@@ -92,11 +92,11 @@ def main():
         return cosine_topk(q, frame, a.k)  # (indices, similarities)
 
     def ours_torch(q=queries):
-        saved, core._FAISS_MIN_PAIRS = core._FAISS_MIN_PAIRS, float("inf")  # the path without faiss
+        saved, core._FAISS_MIN_QUERIES = core._FAISS_MIN_QUERIES, float("inf")  # the path without faiss
         try:
             return cosine_topk(q, frame, a.k)
         finally:
-            core._FAISS_MIN_PAIRS = saved
+            core._FAISS_MIN_QUERIES = saved
 
     def theirs(q=queries):
         index = faiss.IndexFlatIP(a.dim)

@@ -524,7 +524,7 @@ def _count(v, name: str, none_ok: bool = True):
     raise DataError(f"must be an integer >= 1{' or None' if none_ok else ''}, got {v!r}", field=name)
 
 
-_FAISS_MIN_PAIRS = 1 << 20  # queries x frame rows from which faiss searches (below, torch is as fast: ~1 ms)
+_FAISS_MIN_QUERIES = 2048  # from this many queries faiss proposes the candidates (below, torch was faster here)
 
 
 def _faiss():
@@ -538,13 +538,16 @@ def _faiss():
 
 @contextlib.contextmanager
 def _search_threads(threads: int | None, faiss=None):
-    "torch's (and faiss's OpenMP) threads set to `threads` during the block, default torch's setting; restored after."
+    """torch's (and faiss's OpenMP) threads set to `threads` during the block, default torch's setting, and faiss's
+    exact search on BLAS whatever the number of queries times dimensions; all restored after."""
     torch = _torch()
     saved = torch.get_num_threads(), (faiss.omp_get_max_threads() if faiss else None)
     if threads is not None:
         torch.set_num_threads(threads)
     if faiss:  # faiss follows torch's setting too: a forked worker (`fork_map`, one thread) must not start a team
         faiss.omp_set_num_threads(threads or saved[0])
+        blas, faiss.cvar.distance_compute_blas_threshold = faiss.cvar.distance_compute_blas_threshold, 0  # (its pair
+        # by pair loop, used below 128000 queries x dimensions, was 3x slower here at 16 dimensions)
     try:
         yield threads or saved[0]
     finally:
@@ -552,15 +555,18 @@ def _search_threads(threads: int | None, faiss=None):
             torch.set_num_threads(saved[0])
         if faiss:
             faiss.omp_set_num_threads(saved[1])
+            faiss.cvar.distance_compute_blas_threshold = blas
 
 
-def _torch_candidates(fu, qu, k2, chunk, threads):
-    "Per chunk of queries: (start, val (m, k2) float32 products best first, cand (m, k2), rows(i) -> every product)."
+def _torch_candidates(fu, qu, k2, chunk):
+    """Per chunk of queries: (start, val (m, k2) float32 products best first, cand (m, k2) their frame rows,
+    rows(redo) -> (i, every product of query i) for i in redo)."""
     torch = _torch()
     ft, qt = torch.from_numpy(fu), torch.from_numpy(qu)  # views, no copies
     buf = torch.empty(chunk, len(fu))  # (chunk, n) reused: a fresh 256 MB tensor per chunk costs page faults
     for s in range(0, len(qu), chunk):
-        sim = torch.mm(qt[s:s + chunk], ft.T, out=buf[:len(qt[s:s + chunk])])  # (m, n) float32 cosines
+        q = qt[s:s + chunk]
+        sim = torch.mm(q, ft.T, out=buf[:len(q)])  # (m, n) float32 cosines
         val, cand = (t.numpy() for t in torch.topk(sim, k2, dim=1))  # (m, k2) best first; ties in any order
         yield s, val, cand, lambda rows, sim=sim: ((i, sim[i].numpy()) for i in rows)
 
@@ -570,6 +576,8 @@ def _faiss_candidates(fu, qu, k2, chunk, threads, faiss):
     block = max(1, (256 << 20) // (4 * len(fu)))  # rows recomputed at a time: ~256 MB of products
 
     def rows(q, redo):  # (i, (n,) float32 products of q[i] with every frame row) for i in redo
+        if len(redo) == 0:
+            return
         with threadpool_limits(threads, user_api="blas"):
             for b in range(0, len(redo), block):
                 yield from zip(redo[b:b + block], q[redo[b:b + block]] @ fu.T)
@@ -585,9 +593,9 @@ def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int |
 
     queries (q, d), frame (n, d): numpy arrays or torch tensors; rows are L2-normalised inside (a zero row has
     similarity 0 to everything). k' = min(k, n). Each row is ordered by (-similarity, frame index): ties go to the
-    lower index, exactly. Candidates come from faiss's exact search (torch's matrix product without faiss, or below
-    `_FAISS_MIN_PAIRS` query-frame pairs). `chunk` queries are compared at a time (default: 65536 with faiss, which
-    keeps no similarity matrix; with torch chunk x n x 4 bytes ~ 256 MB); the result does not depend on it.
+    lower index, exactly. Candidates come from faiss's exact search (torch's matrix product without faiss, or for
+    fewer than `_FAISS_MIN_QUERIES` queries). `chunk` queries are compared at a time (default: with faiss, which keeps
+    no similarity matrix, at most 65536; with torch chunk x n x 4 bytes ~ 256 MB); the result does not depend on it.
     `threads`: threads during the call (default: torch's setting)."""
     k = _count(k, "k", none_ok=False)
     chunk, threads = _count(chunk, "chunk"), _count(threads, "threads")
@@ -603,8 +611,9 @@ def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int |
     if nq == 0:
         return idx_out, sim_out
     fu, qu = _unit_rows(f), _unit_rows(qa)  # (n, d), (q, d) float32 unit rows
-    faiss = _faiss() if nq * n >= _FAISS_MIN_PAIRS else None
-    chunk = min(chunk or ((1 << 16) if faiss else max(1, (256 << 20) // (4 * n))), nq)
+    faiss = _faiss() if nq >= _FAISS_MIN_QUERIES else None
+    even = math.ceil(nq / math.ceil(nq / 65536))  # faiss: chunks of equal size, at most 65536 queries
+    chunk = min(chunk or (even if faiss else max(1, (256 << 20) // (4 * n))), nq)
     k2 = min(n, k + 16)  # candidates per query: the k best of the float32 product and a margin
     # A float32 product of unit vectors is within d u / (1 - d u) of the exact value (any summation order, FMA or
     # not; u = 2^-24), the float32 rounding of the exact re-scoring within u more: `err` is twice that bound.
@@ -613,7 +622,7 @@ def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int |
     err = 2 * (d * u / (1 - d * u) + 2 * u) if d * u < 0.5 else math.inf  # (d >= 2^23: no bound, search all)
     with _search_threads(threads, faiss) as threads:
         search = _faiss_candidates(fu, qu, k2, chunk, threads, faiss) if faiss else \
-            _torch_candidates(fu, qu, k2, chunk, threads)
+            _torch_candidates(fu, qu, k2, chunk)
         for s, val, cand, rows in search:
             m = len(cand)
             r = _exact_dots(fu, qu[s:s + m], cand)  # (m, k2) the candidates' exact similarities

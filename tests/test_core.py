@@ -357,7 +357,7 @@ def argsort_topk(q, f, k):
 def faiss_path(monkeypatch):
     "cosine_topk searches through faiss whatever the size; the fixture's value counts faiss.knn calls."
     faiss = pytest.importorskip("faiss")
-    monkeypatch.setattr(core, "_FAISS_MIN_PAIRS", 0)
+    monkeypatch.setattr(core, "_FAISS_MIN_QUERIES", 0)
     calls, knn = [], faiss.knn
     monkeypatch.setattr(faiss, "knn", lambda *a, **kw: calls.append(len(a[0])) or knn(*a, **kw))
     return calls
@@ -394,11 +394,12 @@ def test_the_faiss_path_does_not_depend_on_chunk_or_threads(rng, faiss_path, chu
     import faiss
     import torch
     q, f = tie_heavy(rng)
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    settings = lambda: (torch.get_num_threads(), faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold)
+    before = settings()
     want = argsort_topk(q, f, 25)
     assert_topk_equal(cosine_topk(q, f, 25, chunk=chunk), want)
     assert_topk_equal(cosine_topk(q, f, 25, chunk=chunk, threads=1), want)
-    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
+    assert settings() == before  # restored
     assert max(faiss_path) == min(chunk or len(q), len(q))
 
 
@@ -413,7 +414,7 @@ def test_the_faiss_path_detects_imprecise_products(rng, faiss_path, monkeypatch)
 def test_without_faiss_torch_searches_and_gives_the_same_answer(rng, monkeypatch):
     import torch
     q, f = tie_heavy(rng)
-    monkeypatch.setattr(core, "_FAISS_MIN_PAIRS", 0)
+    monkeypatch.setattr(core, "_FAISS_MIN_QUERIES", 0)
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
     calls, mm = [], torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **kw: calls.append(1) or mm(*a, **kw))
