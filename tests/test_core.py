@@ -403,6 +403,16 @@ def test_the_faiss_path_does_not_depend_on_chunk_or_threads(rng, faiss_path, chu
     assert max(faiss_path) == min(chunk or len(q), len(q))
 
 
+def test_the_faiss_path_runs_in_forked_workers(rng, faiss_path):
+    "After faiss ran on two threads here, forked workers (one thread each, `fork_map`) search without hanging."
+    from cytoclr.core import fork_map
+    q, f = rng.standard_normal((200, 16)), rng.standard_normal((2000, 16))
+    want = cosine_topk(q, f, 10, threads=2)
+    got = fork_map(lambda i: cosine_topk(q[i::2], f, 10), range(2), workers=2)
+    assert_topk_equal((np.vstack([got[0][0], got[1][0]]), np.vstack([got[0][1], got[1][1]])),
+                      (np.vstack([want[0][0::2], want[0][1::2]]), np.vstack([want[1][0::2], want[1][1::2]])))
+
+
 def test_the_faiss_path_detects_imprecise_products(rng, faiss_path, monkeypatch):
     import faiss
     knn = faiss.knn
