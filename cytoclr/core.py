@@ -32,7 +32,7 @@ __all__ = ['CHAPTER_ENV', 'OUTPUTS', 'STATUS_ENV', 'PROVENANCE_PACKAGES', 'DataE
            'atomic_path', 'write_json_atomic', 'read_json', 'read_yaml_mapping', 'parse_assignment', 'read_metrics',
            'update_metrics', 'save_figure', 'forget_outputs', 'MetricKeys', 'progress', 'usable_cores', 'worker_count',
            'fork_map', 'cache_dir', 'source_fingerprint', 'path_fingerprint', 'provenance', 'cosine_topk',
-           'topk_agreement']
+           'topk_agreement', 'topk_recall', 'ApproxIndex']
 
 # %% ../nbs/00_core.ipynb #e9f08793
 class DataError(ValueError):
@@ -524,14 +524,79 @@ def _count(v, name: str, none_ok: bool = True):
     raise DataError(f"must be an integer >= 1{' or None' if none_ok else ''}, got {v!r}", field=name)
 
 
+_FAISS_MIN_QUERIES = 2048  # from this many queries faiss proposes the candidates (below, torch was faster here)
+
+
+def _faiss():
+    "The faiss module, or None when it is not installed (then torch searches)."
+    try:
+        import faiss  # imported on first use: keeps `cytoclr --help` (and importing this module) fast
+    except ImportError:
+        return None
+    return faiss
+
+
+@contextlib.contextmanager
+def _search_threads(threads: int | None, faiss=None):
+    """torch's (and faiss's OpenMP) threads set to `threads` during the block, default torch's setting, and faiss's
+    exact search on BLAS whatever the number of queries times dimensions; all restored after."""
+    torch = _torch()
+    saved = torch.get_num_threads(), (faiss.omp_get_max_threads() if faiss else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if faiss:  # faiss follows torch's setting too: a forked worker (`fork_map`, one thread) must not start a team
+        faiss.omp_set_num_threads(threads or saved[0])
+        blas, faiss.cvar.distance_compute_blas_threshold = faiss.cvar.distance_compute_blas_threshold, 0  # (its pair
+        # by pair loop, used below 128000 queries x dimensions, was 3x slower here at 16 dimensions)
+    try:
+        yield threads or saved[0]
+    finally:
+        if threads is not None:
+            torch.set_num_threads(saved[0])
+        if faiss:
+            faiss.omp_set_num_threads(saved[1])
+            faiss.cvar.distance_compute_blas_threshold = blas
+
+
+def _torch_candidates(fu, qu, k2, chunk):
+    """Per chunk of queries: (start, val (m, k2) float32 products best first, cand (m, k2) their frame rows,
+    rows(redo) -> (i, every product of query i) for i in redo)."""
+    torch = _torch()
+    ft, qt = torch.from_numpy(fu), torch.from_numpy(qu)  # views, no copies
+    buf = torch.empty(chunk, len(fu))  # (chunk, n) reused: a fresh 256 MB tensor per chunk costs page faults
+    for s in range(0, len(qu), chunk):
+        q = qt[s:s + chunk]
+        sim = torch.mm(q, ft.T, out=buf[:len(q)])  # (m, n) float32 cosines
+        val, cand = (t.numpy() for t in torch.topk(sim, k2, dim=1))  # (m, k2) best first; ties in any order
+        yield s, val, cand, lambda rows, sim=sim: ((i, sim[i].numpy()) for i in rows)
+
+
+def _faiss_candidates(fu, qu, k2, chunk, threads, faiss):
+    "As `_torch_candidates`, from faiss's exact search (no similarity matrix is kept: a row is computed again)."
+    block = max(1, (256 << 20) // (4 * len(fu)))  # rows recomputed at a time: ~256 MB of products
+
+    def rows(q, redo):  # (i, (n,) float32 products of q[i] with every frame row) for i in redo
+        if len(redo) == 0:
+            return
+        with threadpool_limits(threads, user_api="blas"):
+            for b in range(0, len(redo), block):
+                yield from zip(redo[b:b + block], q[redo[b:b + block]] @ fu.T)
+
+    for s in range(0, len(qu), chunk):
+        q = qu[s:s + chunk]
+        val, cand = faiss.knn(q, fu, k2, metric=faiss.METRIC_INNER_PRODUCT)  # (m, k2) best first; ties in any order
+        yield s, val, cand, lambda redo, q=q: rows(q, redo)
+
+
 def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int | None = None) -> tuple:
     """The k frame rows most cosine-similar to each query: (indices (q, k') int64, similarities (q, k') float32).
 
     queries (q, d), frame (n, d): numpy arrays or torch tensors; rows are L2-normalised inside (a zero row has
     similarity 0 to everything). k' = min(k, n). Each row is ordered by (-similarity, frame index): ties go to the
-    lower index, exactly. `chunk` queries are compared at a time (default: chunk x n x 4 bytes ~ 256 MB); the
-    result does not depend on it. `threads`: torch threads during the call (default: torch's setting)."""
-    torch = _torch()
+    lower index, exactly. Candidates come from faiss's exact search (torch's matrix product without faiss, or for
+    fewer than `_FAISS_MIN_QUERIES` queries). `chunk` queries are compared at a time (default: with faiss, which keeps
+    no similarity matrix, at most 65536; with torch chunk x n x 4 bytes ~ 256 MB); the result does not depend on it.
+    `threads`: threads during the call (default: torch's setting)."""
     k = _count(k, "k", none_ok=False)
     chunk, threads = _count(chunk, "chunk"), _count(threads, "threads")
     f = _real_rows(frame, "frame")
@@ -546,23 +611,20 @@ def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int |
     if nq == 0:
         return idx_out, sim_out
     fu, qu = _unit_rows(f), _unit_rows(qa)  # (n, d), (q, d) float32 unit rows
-    chunk = min(chunk or max(1, (256 << 20) // (4 * n)), nq)
+    faiss = _faiss() if nq >= _FAISS_MIN_QUERIES else None
+    even = math.ceil(nq / math.ceil(nq / 65536))  # faiss: chunks of equal size, at most 65536 queries
+    chunk = min(chunk or (even if faiss else max(1, (256 << 20) // (4 * n))), nq)
     k2 = min(n, k + 16)  # candidates per query: the k best of the float32 product and a margin
     # A float32 product of unit vectors is within d u / (1 - d u) of the exact value (any summation order, FMA or
     # not; u = 2^-24), the float32 rounding of the exact re-scoring within u more: `err` is twice that bound.
     # A frame row whose product is below (k-th best product - 2 err) cannot be among the k best exact values.
     u = 2.0 ** -24
     err = 2 * (d * u / (1 - d * u) + 2 * u) if d * u < 0.5 else math.inf  # (d >= 2^23: no bound, search all)
-    ft, qt = torch.from_numpy(fu), torch.from_numpy(qu)  # views, no copies
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        buf = torch.empty(chunk, n)  # (chunk, n) reused: a fresh 256 MB tensor per chunk costs page faults
-        for s in range(0, nq, chunk):
-            m = min(chunk, nq - s)
-            sim = torch.mm(qt[s:s + m], ft.T, out=buf[:m])  # (m, n) float32 cosines
-            val, cand = (t.numpy() for t in torch.topk(sim, k2, dim=1))  # (m, k2) best first; ties in any order
+    with _search_threads(threads, faiss) as threads:
+        search = _faiss_candidates(fu, qu, k2, chunk, threads, faiss) if faiss else \
+            _torch_candidates(fu, qu, k2, chunk)
+        for s, val, cand, rows in search:
+            m = len(cand)
             r = _exact_dots(fu, qu[s:s + m], cand)  # (m, k2) the candidates' exact similarities
             if np.abs(r - val).max() > err:
                 raise RuntimeError("the float32 matrix product is less precise than IEEE float32: "
@@ -572,22 +634,17 @@ def cosine_topk(queries, frame, k: int, chunk: int | None = None, threads: int |
             if k2 == n:
                 continue
             thr = val[:, k - 1].astype(np.float64) - 2 * err  # (m,)
-            for i in np.flatnonzero(val[:, -1] >= thr):  # rows whose near-ties may reach beyond the k2 candidates
-                c = np.flatnonzero(sim[i].numpy() >= thr[i])  # (c,) ascending: every frame row that may belong
+            for i, row in rows(np.flatnonzero(val[:, -1] >= thr)):  # near-ties may reach beyond the k2 candidates
+                c = np.flatnonzero(row >= thr[i])  # (c,) ascending: every frame row that may belong
                 ri = _exact_dots(fu, qu[s + i:s + i + 1], c[None])[0]
                 oi = np.lexsort((c, -ri))[:k]
                 idx_out[s + i], sim_out[s + i] = c[oi], ri[oi]
-    finally:
-        if threads is not None:
-            torch.set_num_threads(saved)
     sim_out += 0.0  # -0.0 -> 0.0
     return idx_out, sim_out
 
 
-def topk_agreement(idx_a, sim_a, idx_b, sim_b, tol: float = 1e-6) -> float:
-    """Share of rows on which two top-k results (q, k) agree, up to near-ties: the similarities agree place by
-    place within `tol`, a neighbour in both has the same similarity in both (within `tol`), and a neighbour in one
-    list only is within `tol` of the other list's last similarity (a near-tie at the cut)."""
+def _same_shapes(idx_a, sim_a, idx_b, sim_b) -> tuple:
+    "The four (q, k) arrays of two top-k results as numpy (similarities float64), or `DataError`."
     ia, ib = np.asarray(idx_a), np.asarray(idx_b)
     sa, sb = np.asarray(sim_a, np.float64), np.asarray(sim_b, np.float64)
     if ia.ndim != 2:
@@ -595,6 +652,14 @@ def topk_agreement(idx_a, sim_a, idx_b, sim_b, tol: float = 1e-6) -> float:
     for name, v in (("sim_a", sa), ("idx_b", ib), ("sim_b", sb)):
         if v.shape != ia.shape:
             raise DataError(f"has shape {v.shape}, idx_a {ia.shape}: the four arrays must have one shape", field=name)
+    return ia, sa, ib, sb
+
+
+def topk_agreement(idx_a, sim_a, idx_b, sim_b, tol: float = 1e-6) -> float:
+    """Share of rows on which two top-k results (q, k) agree, up to near-ties: the similarities agree place by
+    place within `tol`, a neighbour in both has the same similarity in both (within `tol`), and a neighbour in one
+    list only is within `tol` of the other list's last similarity (a near-tie at the cut)."""
+    ia, sa, ib, sb = _same_shapes(idx_a, sim_a, idx_b, sim_b)
     if len(ia) == 0 or ia.shape[1] == 0:
         return float("nan") if len(ia) == 0 else 1.0
     ok = np.empty(len(ia), bool)
@@ -607,3 +672,73 @@ def topk_agreement(idx_a, sim_a, idx_b, sim_b, tol: float = 1e-6) -> float:
                           & (same.any(2) | (np.abs(x - y[:, -1:]) <= tol)).all(1)
                           & (same.any(1) | (np.abs(y - x[:, -1:]) <= tol)).all(1))
     return float(ok.mean())
+
+
+def topk_recall(idx, sim, idx_exact, sim_exact, tol: float = 1e-6) -> float:
+    """recall@k of a top-k result (q, k) against the exact one: the share of its neighbours that are among the exact
+    k best, a neighbour whose similarity is within `tol` of the exact k-th (a near-tie at the cut) counting as one."""
+    ia, sa, ie, se = _same_shapes(idx, sim, idx_exact, sim_exact)
+    if ia.size == 0:
+        return float("nan")
+    step = max(1, (1 << 22) // ia.shape[1] ** 2)  # rows per block of (rows, k, k) comparisons
+    hit = sum(int(((ia[s:s + step, :, None] == ie[s:s + step, None, :]).any(2)
+                   | (np.abs(sa[s:s + step] - se[s:s + step, -1:]) <= tol)).sum()) for s in range(0, len(ia), step))
+    return hit / ia.size
+
+# %% ../nbs/00_core.ipynb #8dc44f66
+class ApproxIndex:
+    """An approximate cosine index of a frame (faiss IVF-Flat) for frames too large for the exact search.
+
+    k-means (`seed`, 10 iterations on at most 64 rows per list) splits the unit rows into `nlist` lists (default
+    4 sqrt(n), at least 39 rows each); a query compares itself with the rows of its `nprobe` nearest lists only
+    (default nlist / 16). The result is deterministic (whatever the thread count) and has `cosine_topk`'s form:
+    the candidates found are scored exactly and ordered by (-similarity, index), but a true neighbour in a list
+    not probed is missed: `recall` measures how often. nprobe = nlist is the exact search."""
+
+    def __init__(self, frame, nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
+                 threads: int | None = None):
+        faiss = _faiss()
+        if faiss is None:
+            raise ModuleNotFoundError("ApproxIndex needs faiss: pip install faiss-cpu")
+        self.frame = _real_rows(frame, "frame")
+        n, d = self.frame.shape
+        if n == 0:
+            raise DataError("the frame is empty: there is nothing to index", field="frame")
+        self.nlist = _count(nlist, "nlist") or max(1, min(round(4 * math.sqrt(n)), n // 39))
+        if self.nlist > n:
+            raise DataError(f"must be at most the frame's {n} rows, got {self.nlist}", field="nlist")
+        self.nprobe = min(_count(nprobe, "nprobe") or max(1, self.nlist // 16), self.nlist)
+        seed = check_number(seed, "seed", integer=True, minimum=0)
+        self._fu = _unit_rows(self.frame)  # (n, d) float32 unit rows
+        self._quantizer = faiss.IndexFlatIP(d)  # the lists' centres (kept referenced: faiss does not own it)
+        self.index = faiss.IndexIVFFlat(self._quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed, self.index.cp.niter, self.index.cp.max_points_per_centroid = seed, 10, 64
+        with _search_threads(_count(threads, "threads"), faiss):
+            self.index.train(self._fu)
+            self.index.add(self._fu)
+        self.index.nprobe = self.nprobe
+
+    def search(self, queries, k: int, threads: int | None = None) -> tuple:
+        "(indices (q, k') int64, similarities (q, k') float32) as `cosine_topk` returns them, from the probed lists."
+        k, threads = _count(k, "k", none_ok=False), _count(threads, "threads")
+        qa = _real_rows(queries, "queries")
+        (n, d), nq = self._fu.shape, len(qa)
+        if qa.shape[1] != d:
+            raise DataError(f"queries have {qa.shape[1]} dimensions, the frame {d}", field="queries")
+        k = min(k, n)
+        if nq == 0:
+            return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+        qu = _unit_rows(qa)  # (q, d)
+        with _search_threads(threads, _faiss()):
+            _, cand = self.index.search(qu, min(n, k + 16))  # (q, k2) best first, -1 where a list ran out
+        r = np.where(cand >= 0, _exact_dots(self._fu, qu, np.maximum(cand, 0)), -np.inf)  # (q, k2) exact
+        o = np.lexsort((cand, -r), axis=1)[:, :k]  # (q, k) by (-similarity, index), the missing last
+        idx, sim = np.take_along_axis(cand, o, 1), np.take_along_axis(r, o, 1)
+        short = np.flatnonzero(idx.min(1) < 0)  # fewer than k rows in the probed lists: searched exactly
+        if len(short):
+            idx[short], sim[short] = cosine_topk(qa[short], self.frame, k, threads=threads)
+        return idx, sim + np.float32(0.0)  # -0.0 -> 0.0
+
+    def recall(self, queries, k: int, threads: int | None = None) -> float:
+        "recall@k of `search` against the exact `cosine_topk` on these queries (`topk_recall`)."
+        return topk_recall(*self.search(queries, k, threads), *cosine_topk(queries, self.frame, k, threads=threads))

@@ -2,6 +2,7 @@
 import ast
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -341,6 +342,177 @@ def test_cosine_topk_agrees_with_faiss(rng):
     d_f, i_f = index.search(q, 20)
     idx, sim = cosine_topk(q, f, 20)
     assert topk_agreement(idx, sim, i_f, d_f, tol=1e-6) == 1.0
+
+
+# ---- cosine_topk through faiss, without faiss, and the approximate index -------------------------------------------
+
+def argsort_topk(q, f, k):
+    "Reference: a stable argsort of the exact (float64) products of the float32 unit rows: ties to the lower index."
+    s = exact_sims(q, f)  # (q, n) float32 of the exact products
+    idx = np.argsort(-s.astype(np.float64), axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int64), np.take_along_axis(s, idx, 1)
+
+
+@pytest.fixture
+def faiss_path(monkeypatch):
+    "cosine_topk searches through faiss whatever the size; the fixture's value counts faiss.knn calls."
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(core, "_FAISS_MIN_QUERIES", 0)
+    calls, knn = [], faiss.knn
+    monkeypatch.setattr(faiss, "knn", lambda *a, **kw: calls.append(len(a[0])) or knn(*a, **kw))
+    return calls
+
+
+def tie_heavy(rng, n=400, d=12):
+    "A frame with exact ties (81 equal rows: beyond the k + 16 candidates), integer directions and zero rows."
+    f = rng.standard_normal((n, d))
+    f[[50, 3, 399, 200]] = f[120]
+    f[250:330] = f[9]
+    f[330:380] = rng.integers(-1, 2, (50, d))
+    f[[17, 390]] = 0
+    q = np.vstack([f[120], f[9] * 3.0, f[9] + 0.05 * rng.standard_normal(d), np.zeros(d), f[340],
+                   rng.integers(-1, 2, (5, d)), rng.standard_normal((10, d))])
+    return q, f
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 90, 400])
+def test_the_faiss_path_equals_an_argsort_of_the_exact_products(rng, faiss_path, k):
+    import torch
+    q, f = tie_heavy(rng)
+    mm = torch.mm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "mm", lambda *a, **kw: pytest.fail("torch searched"))
+        got = cosine_topk(q, f, k)
+    assert faiss_path  # faiss proposed the candidates
+    assert_topk_equal(got, argsort_topk(q, f, k))
+    assert_topk_equal(got, brute_topk(q, f, k))
+    assert torch.mm is mm
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_the_faiss_path_does_not_depend_on_chunk_or_threads(rng, faiss_path, chunk):
+    import faiss
+    import torch
+    q, f = tie_heavy(rng)
+    settings = lambda: (torch.get_num_threads(), faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold)
+    before = settings()
+    want = argsort_topk(q, f, 25)
+    assert_topk_equal(cosine_topk(q, f, 25, chunk=chunk), want)
+    assert_topk_equal(cosine_topk(q, f, 25, chunk=chunk, threads=1), want)
+    assert settings() == before  # restored
+    assert max(faiss_path) == min(chunk or len(q), len(q))
+
+
+def test_the_faiss_path_runs_in_forked_workers(rng, faiss_path):
+    "After faiss ran on two threads here, forked workers (one thread each, `fork_map`) search without hanging."
+    from cytoclr.core import fork_map
+    q, f = rng.standard_normal((200, 16)), rng.standard_normal((2000, 16))
+    want = cosine_topk(q, f, 10, threads=2)
+    got = fork_map(lambda i: cosine_topk(q[i::2], f, 10), range(2), workers=2)
+    assert_topk_equal((np.vstack([got[0][0], got[1][0]]), np.vstack([got[0][1], got[1][1]])),
+                      (np.vstack([want[0][0::2], want[0][1::2]]), np.vstack([want[1][0::2], want[1][1::2]])))
+
+
+def test_the_faiss_path_detects_imprecise_products(rng, faiss_path, monkeypatch):
+    import faiss
+    knn = faiss.knn
+    monkeypatch.setattr(faiss, "knn", lambda *a, **kw: (lambda d, i: (d + 1e-3, i))(*knn(*a, **kw)))
+    with pytest.raises(RuntimeError, match="less precise"):
+        cosine_topk(rng.standard_normal((4, 8)), rng.standard_normal((50, 8)), 3)
+
+
+def test_without_faiss_torch_searches_and_gives_the_same_answer(rng, monkeypatch):
+    import torch
+    q, f = tie_heavy(rng)
+    monkeypatch.setattr(core, "_FAISS_MIN_QUERIES", 0)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **kw: calls.append(1) or mm(*a, **kw))
+    for k in (3, 20):
+        assert_topk_equal(cosine_topk(q, f, k), argsort_topk(q, f, k))
+    assert calls
+    with pytest.raises(ModuleNotFoundError, match="faiss"):
+        core.ApproxIndex(f)
+
+
+def clustered(rng, n, nq, d=32, centres=40):
+    c = rng.standard_normal((centres, d))
+    return (c[rng.integers(0, centres, nq)] + rng.standard_normal((nq, d)),
+            c[rng.integers(0, centres, n)] + rng.standard_normal((n, d)))
+
+
+def test_the_approximate_index_recall_on_clustered_embeddings():
+    "Measured 0.973 (default 102 lists, 6 probed) on this seeded input; recall rises to 1 as every list is probed."
+    pytest.importorskip("faiss")
+    from cytoclr.core import ApproxIndex, topk_recall
+    q, f = clustered(np.random.default_rng(0), 4000, 300)
+    exact = cosine_topk(q, f, 10)
+    ann = ApproxIndex(f, seed=0)
+    idx, sim = ann.search(q, 10)
+    assert (ann.nlist, ann.nprobe) == (102, 6) and idx.shape == sim.shape == (300, 10)
+    assert idx.dtype == np.int64 and sim.dtype == np.float32
+    assert topk_recall(idx, sim, *exact) == ann.recall(q, 10) >= 0.95
+    np.testing.assert_array_equal(sim, exact_sims(q, f)[np.arange(300)[:, None], idx])  # exact similarities
+    assert (np.diff(sim, axis=1) <= 0).all()
+    again = ApproxIndex(f, seed=0, threads=1).search(q, 10, threads=1)  # deterministic, whatever the threads
+    assert_topk_equal(again, (idx, sim))
+    assert_topk_equal(ApproxIndex(f, nlist=20, nprobe=20).search(q, 10), exact)  # every list probed: exact
+    assert ApproxIndex(f, nprobe=1).recall(q, 10) < ann.recall(q, 10)
+
+
+def test_the_approximate_index_falls_back_where_its_lists_run_out(rng):
+    pytest.importorskip("faiss")
+    from cytoclr.core import ApproxIndex
+    q, f = clustered(rng, 400, 30, d=8, centres=4)
+    f[100:180] = f[3]  # ties
+    ann = ApproxIndex(f, nlist=10, nprobe=1)
+    idx, sim = ann.search(q, 60)
+    assert (idx >= 0).all() and (np.diff(np.sort(idx, 1), axis=1) > 0).all()  # no -1, no repeats
+    probed = ann._quantizer.search(core._unit_rows(q), 1)[1][:, 0]  # (q,) the one list each query searches
+    short = np.array([ann.index.invlists.list_size(int(i)) for i in probed]) < 60
+    assert 0 < short.sum() < len(q)  # some queries' lists hold fewer than k rows: those are searched exactly
+    exact = cosine_topk(q, f, 60)
+    assert_topk_equal((idx[short], sim[short]), (exact[0][short], exact[1][short]))
+    idx, sim = ann.search(q, 10_000)  # k > n: every row, exactly
+    assert_topk_equal((idx, sim), argsort_topk(q, f, 400))
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda q, f: dict(k=0), "k"), (lambda q, f: dict(k=-1), "k"), (lambda q, f: dict(queries=q[:, :3]), "queries"),
+    (lambda q, f: dict(nlist=0), "nlist"), (lambda q, f: dict(nlist=11), "nlist"), (lambda q, f: dict(nprobe=0), "nprobe"),
+    (lambda q, f: dict(seed=-1), "seed"), (lambda q, f: dict(frame=f[:0]), "frame"),
+    (lambda q, f: dict(frame=np.where(np.arange(4) == 1, np.nan, f)), "frame"),
+])
+def test_the_approximate_index_refuses_bad_input(rng, make, field):
+    pytest.importorskip("faiss")
+    from cytoclr.core import ApproxIndex
+    q, f = rng.standard_normal((5, 4)), rng.standard_normal((10, 4))
+    args = {"queries": q, "frame": f, "k": 3, "nlist": 2, **make(q, f)}
+    with pytest.raises(DataError) as e:
+        ApproxIndex(args["frame"], **{a: args[a] for a in ("nlist", "nprobe", "seed") if a in args}) \
+            .search(args["queries"], args["k"])
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("field", ["k", "queries"])
+def test_the_faiss_path_refuses_bad_input(rng, faiss_path, field):
+    q, f = rng.standard_normal((5, 4)), rng.standard_normal((10, 4))
+    with pytest.raises(DataError) as e:
+        cosine_topk(q[:, :3] if field == "queries" else q, f, 0 if field == "k" else 3)
+    assert e.value.field == field and not faiss_path
+
+
+def test_topk_recall_counts_neighbours_and_near_ties_at_the_cut():
+    from cytoclr.core import topk_recall
+    idx, sim = np.array([[4, 1, 7], [2, 3, 5]]), np.array([[0.9, 0.5, 0.5], [0.8, 0.7, 0.6]])
+    assert topk_recall(idx, sim, idx, sim) == 1.0
+    assert topk_recall(np.array([[4, 1, 8], [2, 3, 5]]), sim, idx, sim) == 1.0  # 8 ties with 7 at the cut
+    assert topk_recall(np.array([[4, 1, 8], [2, 9, 6]]), np.array([[0.9, 0.5, 0.4], [0.8, 0.65, 0.3]]),
+                       idx, sim) == 3 / 6
+    assert np.isnan(topk_recall(idx[:0], sim[:0], idx[:0], sim[:0]))
+    with pytest.raises(DataError) as e:
+        topk_recall(idx, sim, idx[:, :2], sim)
+    assert e.value.field == "idx_b"
 
 
 # ---------------------------------------------------------------- fork_map
