@@ -2,6 +2,7 @@
 cortex pixel of a section."""
 import importlib.util
 import math
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,25 @@ class Bomb(T.BatchStream):
                 raise Interrupt()
             self.count += 1
             yield b
+
+
+def free_port() -> int:
+    "A TCP port of 127.0.0.1 that nothing listens on now (for a gloo process group)."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, *args, world: int = 2):
+    """Call `fn(rank, world, port, *args)` in `world` processes (a gloo group on 127.0.0.1:port) and wait for them all;
+    an exception in any rank is raised here.
+
+    The ranks are forked, not spawned: a spawned rank imports torch, cytoclr and the test module again (several seconds
+    per process on two cores), a forked one starts at once. `fn` must set `torch.set_num_threads(1)` first (libgomp
+    hangs in a forked child that asks for more threads than one). What a fresh interpreter per rank would add (torchrun,
+    separate imports, killing the process tree) is covered by test_paper_path.py."""
+    import torch.multiprocessing as mp
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="fork")
 
 
 def cortex_centre(sec, rng, level=4):

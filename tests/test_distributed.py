@@ -1,21 +1,13 @@
 "Two gloo processes on the CPU: the distributed loss and its (DDP-averaged) gradients equal one process on the whole batch."
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cytoclr.losses import gather_tensor, gather_with_grad, label_weights, spatial_nce, spatial_nce_distributed
+from helpers import run_ranks
 
 SIZES = (5, 7)  # unequal local batches: the gather pads and trims
 D_IN, D_OUT, TAU = 6, 4, 0.2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -67,7 +59,7 @@ def _worker(rank, world, port, out):
 @pytest.mark.timeout(120)
 def test_two_processes_equal_one(tmp_path):
     world = len(SIZES)
-    mp.spawn(_worker, args=(world, _free_port(), tmp_path), nprocs=world, join=True)
+    run_ranks(_worker, tmp_path, world=world)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     x, y, pos = _data()

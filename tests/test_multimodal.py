@@ -41,10 +41,12 @@ def test_pli_positions_project_onto_the_pli_plane(ref):
     from cytoclr.phantom import PhantomBrain
     from cytoclr.sampling import sample_locations
     b = PhantomBrain(0, ref=ref)
-    nis = b.section(0, spacing_um=512, tilt_deg=(0, 0))
-    same = b.section(0, spacing_um=512, tilt_deg=(0, 0), modality="pli")
-    shifted = b.section(0, spacing_um=512, tilt_deg=(0, 0), modality="pli", y_mm=nis.y_mm + 0.25)
-    samples = sample_locations([nis], 50, seed=0, ref=ref, level=0)
+    # 128 um pixels, sampled from 512 um mask cells (level 2): Nissl rendering at coarser pixels needs a Poisson table
+    # of far more cells per pixel (about 25 s to build at 512 um)
+    nis = b.section(0, spacing_um=128, tilt_deg=(0, 0))
+    same = b.section(0, spacing_um=128, tilt_deg=(0, 0), modality="pli")
+    shifted = b.section(0, spacing_um=128, tilt_deg=(0, 0), modality="pli", y_mm=nis.y_mm + 0.25)
+    samples = sample_locations([nis], 50, seed=0, ref=ref, level=2)
     rc, d = pli_positions([(nis, same, 0.0)], samples)
     np.testing.assert_allclose(rc, samples.rc, atol=1e-6)  # the same plane: the same pixels
     np.testing.assert_allclose(d, 0, atol=1e-6)

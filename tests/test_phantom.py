@@ -186,7 +186,26 @@ def _slow_profile(values, depth, n_bins=10):
     return np.where(n > 0, s / np.maximum(n, 1), np.nan)
 
 
+class _SectionsOnce:
+    """`brain` whose `section` cuts each plane once and hands out that object again for the same arguments (a section
+    is a pure function of them). `profile_dataset` asks for the same few planes once per patch; here they cost one
+    geometry evaluation each."""
+
+    def __init__(self, brain):
+        self._brain, self._cut = brain, {}
+
+    def __getattr__(self, name):
+        return getattr(self._brain, name)
+
+    def section(self, *args, **kw):
+        key = (args, tuple(sorted(kw.items())))
+        if key not in self._cut:
+            self._cut[key] = self._brain.section(*args, **kw)
+        return self._cut[key]
+
+
 def test_profile_dataset_and_spacing_check_against_a_slow_reference(brain):
+    brain = _SectionsOnce(brain)
     centres = gallery_centres(brain, [-20, 40], 3, np.random.default_rng(1))
     X, y = profile_dataset(brain, centres, 64.0, 32)
     want_X, want_y = {"nissl": [], "pli": []}, []

@@ -320,8 +320,9 @@ def test_geodesic_pairs_on_a_flat_sheet(rng, tmp_path, monkeypatch):
 def test_phantom_section_integration(ref):
     "On a real (coarse) phantom section: samples lie in its cortex, areas come from its ground truth, patches read."
     from cytoclr.phantom import PhantomBrain
-    sec = PhantomBrain(0, ref=ref).section(0, y_mm=-18.0, spacing_um=256.0, modality="nissl")
-    s = sample_locations([sec], 300, seed=0, ref=ref, level=1)
+    # 128 um pixels and 512 um mask cells (level 2): coarser Nissl pixels need a much larger Poisson table (5 s at 256 um)
+    sec = PhantomBrain(0, ref=ref).section(0, y_mm=-18.0, spacing_um=128.0, modality="nissl")
+    s = sample_locations([sec], 300, seed=0, ref=ref, level=2)
     r, c = np.rint(s.rc).astype(int).T
     gt = [sec.ground_truth(slice(a, a + 1), slice(b, b + 1)) for a, b in zip(r[:50], c[:50])]
     np.testing.assert_array_equal(s.area[:50], [g["area"][0, 0] for g in gt])

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from cytoclr.core import DataError
 from cytoclr.geodesic import geodesic_weights, straight_line
 from cytoclr.losses import spatial_nce
 from cytoclr.training_data import ToyBatches, ToyPatches
-from helpers import Bomb, Interrupt
+from helpers import Bomb, Interrupt, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -350,12 +349,6 @@ def test_load_encoder_returns_trained_weights_in_eval_mode(tmp_path):
 
 
 # ---------------------------------------------------------------- DDP on CPU (gloo, 2 processes)
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, run_dir, method):
     # the environment torchrun gives each process; train() starts the process group from it (gloo on CPU)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -375,11 +368,10 @@ def _ddp_worker(rank, world, port, run_dir, method):
 @pytest.mark.parametrize("method", ["geodesic", "simclr"])
 def test_ddp_two_ranks_equal_one_process_on_the_global_batch(tmp_path, method):
     "2 gloo ranks x 4 locations per step train exactly like 1 process x 8 locations (same global batches)."
-    import torch.multiprocessing as mp
     torch.set_num_threads(1)
     T.train(cfg_(method=method, steps=6, batch_size=8), stream(b=8), tmp_path / "one", model=ToyModel(),
             distances=toy_distances, progress=False)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path / "two", method), nprocs=2, join=True)
+    run_ranks(_ddp_worker, tmp_path / "two", method)
     l1, l2 = losses_of(tmp_path / "one", method), losses_of(tmp_path / "two", method)
     np.testing.assert_allclose([l for _, l in l2], [l for _, l in l1], rtol=1e-5)
     w1, w2 = weights_of(ckpt_of(tmp_path / "one", method)), weights_of(ckpt_of(tmp_path / "two", method))
@@ -410,16 +402,15 @@ def _ddp_resume_worker(rank, world, port, run_dir, interrupt_after):
 @pytest.mark.timeout(240)
 def test_ddp_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     "2 gloo ranks killed after 7 steps and restarted resume from step 6 with every rank's RNG: same losses and weights."
-    import torch.multiprocessing as mp
     a, b = tmp_path / "a", tmp_path / "b"
-    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), a, 0), nprocs=2, join=True)
-    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), b, 7), nprocs=2, join=True)
+    run_ranks(_ddp_resume_worker, a, 0)
+    run_ranks(_ddp_resume_worker, b, 7)
     st = torch.load(ckpt_of(b, "geodesic"), weights_only=False)
     assert st["step"] == 6 and len(st["rng"]) == 2
     with pytest.raises(DataError, match="written by 2 ranks"):  # not resumable by another number of processes
         T.train(cfg_(method="geodesic", steps=10, batch_size=4, checkpoint_every=3), stream(b=4), b,
                 model=ToyModel(dropout=0.2), distances=toy_distances, progress=False)
-    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), b, 0), nprocs=2, join=True)
+    run_ranks(_ddp_resume_worker, b, 0)
     la, lb = losses_of(a, "geodesic"), losses_of(b, "geodesic")
     assert [s for s, _ in lb] == list(range(1, 11))
     np.testing.assert_allclose([l for _, l in lb], [l for _, l in la], rtol=0, atol=1e-6)
@@ -429,9 +420,11 @@ def test_ddp_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
 
 
 # ---------------------------------------------------------------- command line
-def test_cli_help_and_import_does_not_run():
-    r = subprocess.run([sys.executable, "-m", "cytoclr.training", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "torchrun" in r.stdout
+def test_cli_help_and_import_does_not_run(capsys):
+    # the help in this process (`python -m cytoclr.training` as a command: test_cli_reports_bad_config_in_one_line)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--help"])
+    assert e.value.code == 0 and "torchrun" in capsys.readouterr().out
     r = subprocess.run([sys.executable, "-c", "import cytoclr.training"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout == ""
 
