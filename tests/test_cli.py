@@ -22,7 +22,11 @@ def test_anchor_options_become_keywords(monkeypatch):
                  "--out", "placed", "--grid-mm", "2", "--min-inliers", "8", "--no-progress"]) == 0
     assert got == dict(images=["a.tif", "b.tif"], modality="pli", spacing_um=64.0, out="placed", run="runs/quick",
                        method="geodesic", checkpoint=None, frame=None, mask=None, grid_mm=2.0, threshold_mm=5.0,
-                       min_inliers=8, no_progress=True)
+                       min_inliers=8, no_progress=True, estimator="sections", cortex_head=None, k=20)
+    got.clear()
+    assert main(["anchor", "a.tif", "--modality", "nissl", "--spacing-um", "32", "--run", "r", "--out", "o",
+                 "--estimator", "ransac", "--cortex-head", "h.json", "--k", "30"]) == 0
+    assert (got["estimator"], got["cortex_head"], got["k"]) == ("ransac", "h.json", 30)
 
 
 def test_phantom_export_options_become_keywords(monkeypatch):
