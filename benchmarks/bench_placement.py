@@ -64,6 +64,10 @@ try:
 except ImportError as e:
     teaserpp_python, TEASER_ERROR = None, f"{type(e).__name__}: {e}"
 
+class NotRun(Exception):
+    "A peer that is not run on an input (too large for it)."
+
+
 SHRINKAGE = (0.8, 1.25)  # the scale prior every method gets (reference mm per section mm)
 
 
@@ -183,7 +187,7 @@ def run_teaser(prob, a, seed, top1):
     P = _points_mm(prob)
     owner, Q = _pairs(prob, top1)
     if len(Q) > a.teaser_max_pairs:
-        raise RuntimeError(f"not run: {len(Q)} pairs > --teaser-max-pairs {a.teaser_max_pairs} (its pairwise graph "
+        raise NotRun(f"not run: {len(Q)} pairs > --teaser-max-pairs {a.teaser_max_pairs} (its pairwise graph "
                            f"needs {len(Q) * (len(Q) - 1) // 2:.2e} pairs)")
     params = teaserpp_python.RobustRegistrationSolver.Params()
     params.noise_bound = a.teaser_noise
@@ -231,12 +235,15 @@ def run_case(prob, a, seed) -> dict:
     for name, pairs, f in methods(a):
         key = f"{name} [{pairs}]"
         if isinstance(f, str):
-            out[key] = {"skipped": f}
+            out[key] = {"skipped": f"skipped: {f}"}
             continue
         t0 = time.perf_counter()
         try:
             A, note = f(prob, a, seed)
             rec = {"placed": True, **scores(A, prob, a.tau), "note": note}
+        except NotRun as e:
+            out[key] = {"skipped": str(e)}
+            continue
         except (DataError, RuntimeError, ValueError, np.linalg.LinAlgError) as e:
             rec = {"placed": False, "note": getattr(e, "message", str(e))}
         rec["seconds"] = time.perf_counter() - t0
@@ -262,7 +269,7 @@ def print_table(title, runs, tau_mm):
         recs = [r[key] for r in runs]
         name, pairs = key.rsplit(" [", 1)
         if "skipped" in recs[0]:
-            print(f"  {name:<36}{pairs[:-1]:>6}  skipped: {recs[0]['skipped']}")
+            print(f"  {name:<36}{pairs[:-1]:>6}  {recs[0]['skipped']}")
             continue
         placed = sum(r["placed"] for r in recs)
         right = sum(r["placed"] and r["point_mm"] < tau_mm for r in recs)
