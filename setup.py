@@ -57,6 +57,16 @@ extras = {
         # the book must render math offline: bundles MathJax 3.2.2 and copies it to _static/ (Sphinx loads it from a CDN)
         "sphinx-mathjax-offline==0.0.2",
     ],
+    # Peers of benchmarks/bench_placement.py only (the benchmark skips them, with a message, when they are missing).
+    # Not in "dev": neither the tests nor CI need them, and they are large (open3d-cpu pulls dash and flask).
+    "bench": [
+        "open3d-cpu>=0.20",  # correspondence RANSAC with scaling (registration_ransac_based_on_correspondence)
+    ],
+    # TEASER++'s only PyPI distribution is a source archive whose build clones its dependencies (pmc, tinyply,
+    # spectra, googletest) from GitHub: it fails without that access, so it is kept out of "bench" (which must install).
+    "bench-teaser": [
+        "cmeel-teaser-plusplus>=2.0",
+    ],
 }
 
 setup(
