@@ -5,7 +5,6 @@
 # %% ../nbs/10b_section_inference.ipynb #5e42fb86
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,18 +365,20 @@ def mask_at(section, rc, level="auto") -> np.ndarray:
     return m[np.minimum(ij[:, 0], m.shape[0] - 1), np.minimum(ij[:, 1], m.shape[1] - 1)]
 
 
-def embedded_grid(section, encoder, frame_feats, grid_mm: float, patch_px: int, device="cpu", on_mask: bool = True):
-    """A section's grid patches with what the placement needs: (rc (n, 2), patches, features (n, D), the best
-    similarity to the frame (n,)). `on_mask`: only the grid points on the section's mask (its tissue, for an image
-    without a mask); else the whole image."""
+def embedded_grid(section, encoder, frame_feats, grid_mm: float, patch_px: int, device="cpu", on_mask: bool = True,
+                  k: int = 1):
+    """A section's grid patches with what the placement needs: (rc (n, 2), patches, features (n, D), each patch's k
+    most similar frame patches (indices (n, k), similarities (n, k); the best similarity is column 0)).
+    `on_mask`: only the grid points on the section's mask (its tissue, for an image without a mask); else the
+    whole image."""
     step_px = grid_mm * 1000.0 / float(section.spacing_um)
     rc = mask_grid(section, grid_mm) if on_mask else image_grid(section.shape, step_px)
     if len(rc) == 0:
         raise DataError(f"no patch centre on this section at a {grid_mm} mm grid", field="grid_mm")
     patches = grid_patches(section, rc, patch_px)
     feats = embed(encoder, patches, device=device, batch=256)
-    _, best = cosine_topk(feats, frame_feats, 1)
-    return rc, patches, feats, best[:, 0]
+    idx, sim = cosine_topk(feats, frame_feats, k)
+    return rc, patches, feats, idx, sim
 
 
 def fit_cortex_head(sections: list, encoder, frame_feats, grid_mm: float = 2.0, patch_px: int = 64,
@@ -385,8 +386,8 @@ def fit_cortex_head(sections: list, encoder, frame_feats, grid_mm: float = 2.0, 
     "A `CortexHead` fitted on whole-image grids of `sections` whose cortex masks are known (e.g. a training brain's)."
     X, y = [], []
     for sec in sections:
-        rc, patches, feats, best = embedded_grid(sec, encoder, frame_feats, grid_mm, patch_px, device, on_mask=False)
-        X.append(CortexHead.inputs(feats, best, patches))
+        rc, patches, feats, _, sim = embedded_grid(sec, encoder, frame_feats, grid_mm, patch_px, device, on_mask=False)
+        X.append(CortexHead.inputs(feats, sim[:, 0], patches))
         y.append(mask_at(sec, rc))
     X, y = np.concatenate(X), np.concatenate(y)
     return CortexHead.fit(X, y, threshold, info={"patches": int(len(y)), "cortex_share": float(y.mean()),
@@ -420,14 +421,16 @@ def place_image(section, encoder, frame, head: CortexHead | None = None, grid_mm
     `frame` (chapter 9) with the frame's `encoder`: grid patches on the tissue, the cortex ones (`head`), their k
     most similar frame patches, `place_by_candidates`, then `refine_by_reanchoring`. `search`: options of `place_by_candidates`."""
     t = {"start": time.perf_counter()}
-    rc, patches, feats, best = embedded_grid(section, encoder, frame.features, grid_mm, patch_px, device)
+    rc, patches, feats, idx_all, sim_all = embedded_grid(section, encoder, frame.features, grid_mm, patch_px, device,
+                                                         k=k)  # one search: the head's input and the candidates
     t["embed"] = time.perf_counter()
     kept = (np.ones(len(rc), bool) if head is None
-            else head.probability(CortexHead.inputs(feats, best, patches)) >= head.threshold)
+            else head.probability(CortexHead.inputs(feats, sim_all[:, 0], patches)) >= head.threshold)
     if kept.sum() < min_patches:
         raise DataError(f"only {int(kept.sum())} of {len(rc)} patches look like cortex (at least {min_patches} needed):"
                         " not a section of this modality, or too little of it", field="image")
-    idx, cand, sim = candidates(feats[kept], frame.features, frame.xyz, k)
+    idx, sim = idx_all[kept], sim_all[kept]
+    cand = np.asarray(frame.xyz, np.float64)[idx]
     pose = place_by_candidates(rc[kept], section.spacing_um, cand, sim, seed=seed, **search)
     t["place"] = time.perf_counter()
     A, anchors = refine_by_reanchoring(pose.A, rc[kept], section.spacing_um, feats[kept], frame.features, frame.xyz)
