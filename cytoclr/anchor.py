@@ -20,15 +20,14 @@ from .core import (DataError, MetricKeys as K, atomic_path, check_number, path_f
 from .models import embed
 from .reference import load_reference
 from .sampling import extract_patch, mask_grid
-from .readers import Resampled, nearest_spacing, open_image, recorded_spacing
-from .section_inference import CortexHead, decide, place_image
-from .sections import ImageMask, ImageSection, TissueMask
+from .readers import nearest_spacing, recorded_spacing
+from .section_inference import CortexHead, decide, open_unregistered, place_image, to_source_pixels
 from .training import TrainConfig, build_model, load_checkpoint
 
 # %% auto #0
-__all__ = ['ESTIMATORS', 'ANCHOR_DEMO', 'encoder_from_checkpoint', 'concat_frames', 'open_unregistered', 'to_source_pixels',
-           'patch_centres', 'placement_summary', 'manifest_entry', 'write_placement', 'anchor_images',
-           'series_consistency', 'run_inputs', 'anchor_cli', 'errors_on_grid']
+__all__ = ['ESTIMATORS', 'ANCHOR_DEMO', 'encoder_from_checkpoint', 'concat_frames', 'patch_centres', 'placement_summary',
+           'manifest_entry', 'write_placement', 'anchor_images', 'series_consistency', 'run_inputs', 'anchor_cli',
+           'errors_on_grid']
 
 # %% ../nbs/10a_anchor.ipynb #e3d1809a
 def encoder_from_checkpoint(path, device="cpu"):
@@ -57,32 +56,6 @@ def concat_frames(frames: list):
                  meta={"parts": [f.meta for f in frames]})
 
 # %% ../nbs/10a_anchor.ipynb #79b79eee
-def open_unregistered(path, modality: str, spacing_um: float, mask=None, target_um=None, patch_px: int = 1):
-    """An `ImageSection` of an image file without a transform; its mask from a mask image (same pixel grid), else a
-    tissue threshold. With `target_um` (the pixel size the encoder was trained at) the image and its mask are
-    presented at that pixel size, window by window (`Resampled`; a `DataError` when that would enlarge more than
-    2x). Returns (section, the `Resampled` reader or None)."""
-    img = open_image(path)
-    rs = None
-    if target_um is not None and abs(float(target_um) / float(spacing_um) - 1) > 1e-6:
-        img = rs = Resampled(img, float(spacing_um), float(target_um), min_px=patch_px)
-    mreader = None if not mask else open_image(mask)
-    if mreader is not None and rs is not None:
-        mreader = Resampled(mreader, float(spacing_um), float(target_um))
-    m = ImageMask(mreader, field="--mask") if mreader is not None else TissueMask(img, modality)
-    return ImageSection(img, modality, float(target_um or spacing_um), None, mask=m, id=Path(path).name), rs
-
-
-def to_source_pixels(A, rs) -> np.ndarray:
-    "An affine (3, 3) of the resampled image's pixels as an affine of the source image's pixels (exact: both linear)."
-    if rs is None:
-        return np.asarray(A, np.float64)
-    src = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
-    H = np.column_stack([src, np.ones(3)])  # (3, 3) source pixels
-    xyz = rs.from_source(src) @ np.asarray(A)[:, :2].T + np.asarray(A)[:, 2]  # where A puts them
-    return np.linalg.solve(H, xyz).T
-
-
 def patch_centres(sec, grid_mm: float, max_patches: int, min_inliers: int, path=None) -> np.ndarray:
     """Pixel centres (n, 2) of the patches that place `sec`: a `grid_mm` grid over its mask, thinned evenly to at most
     `max_patches`; a `DataError` when fewer than max(3, `min_inliers`) remain."""

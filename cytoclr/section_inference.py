@@ -17,8 +17,8 @@ from scipy.spatial import cKDTree
 from .alignment import lstsq_affine, place_section, plane_angle_deg, point_error_mm
 from .core import DataError, MetricKeys as K, check_number, cosine_topk, progress as progress_bar
 from .export import write_section_tiff
-from .readers import open_image
-from .sections import ImageSection, TissueMask
+from .readers import Resampled, open_image
+from .sections import ImageMask, ImageSection, TissueMask
 from .models import embed
 from .sampling import mask_grid, sampling_level, section_background
 
@@ -26,8 +26,8 @@ from .sampling import mask_grid, sampling_level, section_background
 __all__ = ['PLACEMENT', 'fit_similarity', 'pose_affine', 'SectionPose', 'consistent_triples', 'score_poses', 'refine_pose',
            'place_by_candidates', 'candidates', 'hubness', 'reanchor', 'refine_by_reanchoring', 'patch_statistics',
            'CortexHead', 'grid_patches', 'image_grid', 'mask_at', 'embedded_grid', 'fit_cortex_head',
-           'detection_scores', 'PlacedImage', 'place_image', 'placement_errors', 'evaluate_placement', 'decide',
-           'place_cases', 'placement_metrics']
+           'detection_scores', 'PlacedImage', 'place_image', 'placement_errors', 'evaluate_placement',
+           'open_unregistered', 'to_source_pixels', 'decide', 'place_cases', 'placement_metrics']
 
 # %% ../nbs/10b_section_inference.ipynb #773c2392
 def fit_similarity(P, Q, w=None):
@@ -474,10 +474,30 @@ def evaluate_placement(truth_section, placed: PlacedImage, frame) -> dict:
             "oracle": placement_errors(oracle, rc, A_true, xyz_true), "top1_ransac": old}
 
 # %% ../nbs/10b_section_inference.ipynb #ec5c65a4
-def _unregistered(path, modality: str, spacing_um: float):
-    "An image file as a lab sends it: no transform, its mask a tissue threshold (as `cytoclr anchor` opens it)."
+def open_unregistered(path, modality: str, spacing_um: float, mask=None, target_um=None, patch_px: int = 1):
+    """An `ImageSection` of an image file without a transform; its mask from a mask image (same pixel grid), else a
+    tissue threshold. With `target_um` (the pixel size the encoder was trained at) the image and its mask are
+    presented at that pixel size, window by window (`Resampled`; a `DataError` when that would enlarge more than
+    2x). Returns (section, the `Resampled` reader or None)."""
     img = open_image(path)
-    return ImageSection(img, modality, float(spacing_um), None, mask=TissueMask(img, modality), id=Path(path).name)
+    rs = None
+    if target_um is not None and abs(float(target_um) / float(spacing_um) - 1) > 1e-6:
+        img = rs = Resampled(img, float(spacing_um), float(target_um), min_px=patch_px)
+    mreader = None if not mask else open_image(mask)
+    if mreader is not None and rs is not None:
+        mreader = Resampled(mreader, float(spacing_um), float(target_um))
+    m = ImageMask(mreader, field="--mask") if mreader is not None else TissueMask(img, modality)
+    return ImageSection(img, modality, float(target_um or spacing_um), None, mask=m, id=Path(path).name), rs
+
+
+def to_source_pixels(A, rs) -> np.ndarray:
+    "An affine (3, 3) of the resampled image's pixels as an affine of the source image's pixels (exact: both linear)."
+    if rs is None:
+        return np.asarray(A, np.float64)
+    src = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
+    H = np.column_stack([src, np.ones(3)])  # (3, 3) source pixels
+    xyz = rs.from_source(src) @ np.asarray(A)[:, :2].T + np.asarray(A)[:, 2]  # where A puts them
+    return np.linalg.solve(H, xyz).T
 
 
 def decide(pose: SectionPose, min_support: int = 20, min_confidence: float = 2.5) -> str | None:
@@ -502,7 +522,7 @@ def place_cases(brains: dict, cases: list, modality: str, encoder, frame, head, 
         img, _ = write_section_tiff(truth, Path(folder) / f"{b}_{modality}_y{y:g}.tif", compression="jpeg", mask=False)
         rec = {"brain": b, "y_mm": y, "tilt_deg": list(tilt), "rotation_deg": rot, "flip": flip, "modality": modality}
         try:
-            placed = place_image(_unregistered(img, modality, spacing_um), encoder, frame, head, grid_mm, k, patch_px,
+            placed = place_image(open_unregistered(img, modality, spacing_um)[0], encoder, frame, head, grid_mm, k, patch_px,
                                  seed=seed)
         except DataError as e:  # too little cortex found: refused before any fit
             out.append({**rec, "refused": e.message, "estimator": {}, "oracle": {}, "top1_ransac": {}})
